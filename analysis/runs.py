@@ -1,0 +1,26 @@
+"""Runs and models as the analyses see them."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from sparsescope.store.reader import Reader
+
+
+def probe_runs(reader: Reader) -> pd.DataFrame:
+    """Complete probe runs with their model's shape, newest first."""
+    return reader.sql(
+        "SELECT r.run_id, r.name, r.model_id, r.dataset, r.n_tokens, r.finished_at,"
+        " m.n_layers, m.d_mlp, m.act_fn FROM runs r LEFT JOIN models m USING (model_id)"
+        " WHERE r.status = 'complete' AND r.kind = 'probe' ORDER BY r.finished_at DESC"
+    )
+
+
+def d_mlp(reader: Reader, run_id: str) -> int:
+    """Width of the MLP of the run's model."""
+    df = reader.sql(
+        "SELECT m.d_mlp FROM runs r JOIN models m USING (model_id) WHERE r.run_id = ?", [run_id]
+    )
+    if df.empty:
+        raise ValueError(f"run {run_id} has no model in the catalog")
+    return int(df.iloc[0, 0])

@@ -1,0 +1,224 @@
+"""The ``sparsescope`` command line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from sparsescope.app.output import FORMATS, emit
+
+app = typer.Typer(
+    help="SparseScope: activation sparsity, from probes to dashboard.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Maintain a store.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks that print ratios measured in one run.", no_args_is_help=True
+)
+app.add_typer(store_app, name="store")
+app.add_typer(bench_app, name="bench")
+
+DEFAULT_DEMO_STORE = Path("stores/demo")
+DEMO_TOKENS = 50_000
+
+StoreOpt = typer.Option(..., "--store", help="Store folder (created by the first probe).")
+FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}.")
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from sparsescope.probes.data import DataError
+    from sparsescope.probes.models import ModelError
+    from sparsescope.store.console import SqlRefused
+    from sparsescope.store.errors import StoreError
+
+    return StoreError, DataError, ModelError, SqlRefused
+
+
+def one_line_errors(fn):
+    """Turn bad-input exceptions into ``error: ...`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _bad_input_errors() as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        typer.echo(f"error: --format must be one of {', '.join(FORMATS)}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+@one_line_errors
+def probe(
+    model: str = typer.Option(
+        ..., "--model", help="minilm, zoo:<name>[@step|@all], a folder or org/name."
+    ),
+    data: str = typer.Option(
+        "stdlib-docs", "--data", help="stdlib-docs[:heldout], a .txt or .jsonl file."
+    ),
+    store: Path = StoreOpt,
+    max_tokens: int = typer.Option(50_000, "--max-tokens", min=1),
+    seq_len: int = typer.Option(128, "--seq-len", min=2),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    name: str = typer.Option(None, "--name", help="A name for the run."),
+):
+    """Probe a model over a data set; prints the run id on its last line."""
+    from sparsescope.probes.job import ProbeConfig, run_probe
+
+    config = ProbeConfig(
+        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device
+    )
+    for run_id in run_probe(model, data, store, config, name):
+        print(run_id)
+
+
+@app.command()
+@one_line_errors
+def runs(store: Path = StoreOpt, fmt: str = FormatOpt):
+    """List the runs of a store."""
+    from sparsescope.store.reader import Reader
+
+    _check_format(fmt)
+    reader = Reader(store)
+    emit(
+        reader.sql(
+            "SELECT run_id, name, kind, status, model_id, dataset, n_tokens, started_at,"
+            " finished_at,"
+            " error FROM runs ORDER BY started_at"
+        ),
+        fmt,
+        title=f"runs in {store}",
+    )
+
+
+@app.command()
+@one_line_errors
+def sql(
+    query: str = typer.Argument(..., help="One SELECT statement."),
+    store: Path = StoreOpt,
+    fmt: str = FormatOpt,
+    limit: int = typer.Option(10_000, "--limit", min=1, help="Row limit."),
+):
+    """Run one read-only SELECT on the store (sandboxed)."""
+    from sparsescope.store.console import run_sql
+
+    _check_format(fmt)
+    result = run_sql(store, query, row_limit=limit)
+    emit(result.table.to_pandas(), fmt)
+    if result.truncated:
+        typer.echo(f"(truncated at {limit} rows)", err=True)
+
+
+def _launch_dashboard(store: Path, port: int) -> None:
+    from sparsescope.store.catalog import check_store
+
+    check_store(store)
+    script = Path(__file__).with_name("dashboard.py")
+    env = {**os.environ, "SPARSESCOPE_STORE": str(store.resolve())}
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    typer.echo(f"dashboard on http://localhost:{port} (store {store})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command("app")
+@one_line_errors
+def app_cmd(store: Path = StoreOpt, port: int = typer.Option(8501, "--port")):
+    """Start the dashboard on a store."""
+    _launch_dashboard(store, port)
+
+
+@app.command()
+@one_line_errors
+def demo(
+    store: Path = typer.Option(DEFAULT_DEMO_STORE, "--store"),
+    no_app: bool = typer.Option(False, "--no-app", help="Probe only; do not start the dashboard."),
+    port: int = typer.Option(8501, "--port"),
+):
+    """The main job on the embedded default: probe MiniLM on stdlib-docs, open the dashboard."""
+    from sparsescope.probes.job import ProbeConfig, run_probe
+    from sparsescope.store.catalog import is_store
+    from sparsescope.store.reader import Reader
+
+    done = (
+        is_store(store)
+        and not Reader(store)
+        .sql(
+            "SELECT 1 FROM runs WHERE status = 'complete' AND model_id = 'minilm'"
+            " AND dataset = 'stdlib-docs' AND n_tokens >= ?",
+            [DEMO_TOKENS],
+        )
+        .empty
+    )
+    if done:
+        typer.echo(f"demo store {store} is ready (cached)")
+    else:
+        run_probe("minilm", "stdlib-docs", store, ProbeConfig(max_tokens=DEMO_TOKENS), "demo")
+    if not no_app:
+        _launch_dashboard(store, port)
+
+
+@store_app.command("gc")
+@one_line_errors
+def store_gc(store: Path = StoreOpt):
+    """Remove what dead jobs left behind (staging folders, unpublished shards)."""
+    from sparsescope.store.gc import collect
+
+    result = collect(store)
+    typer.echo(
+        f"marked {len(result['failed_runs'])} dead run(s) failed,"
+        f" removed {result['removed_folders']} folder(s)"
+    )
+
+
+@bench_app.command("probe")
+@one_line_errors
+def bench_probe_cmd(
+    model: str = typer.Option("minilm", "--model"),
+    data: str = typer.Option("stdlib-docs", "--data"),
+    tokens: int = typer.Option(32_768, "--tokens", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    seq_len: int = typer.Option(128, "--seq-len", min=2),
+):
+    """Probe throughput (all probes, writing a store) / bare HF forward throughput."""
+    from sparsescope.probes.bench import bench_probe
+    from sparsescope.probes.job import ProbeConfig
+
+    r = bench_probe(model, data, tokens, ProbeConfig(batch_size=batch_size, seq_len=seq_len))
+    typer.echo(f"{r['model']}: {r['tokens']} tokens, batches of {r['batch_size']} x {r['seq_len']}")
+    typer.echo(f"bare HF forward : {r['bare_tok_s']:9.0f} tokens/s")
+    typer.echo(f"probe (all, store): {r['probe_tok_s']:7.0f} tokens/s")
+    typer.echo(f"ratio probe/bare : {r['ratio']:.3f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

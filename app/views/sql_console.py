@@ -1,0 +1,30 @@
+"""SQL: the sandboxed console (one SELECT, read-only, time and row limits)."""
+
+import streamlit as st
+
+from sparsescope.app.state import reader
+from sparsescope.store.console import ROW_LIMIT, SqlRefused, run_sql
+
+EXAMPLE = """SELECT layer, avg(n_active) AS mean_active
+FROM layer_token_stats
+GROUP BY layer ORDER BY layer"""
+
+st.title("SQL")
+r = reader()
+st.caption(
+    "Tables: runs, models, saes, tokens, layer_token_stats, neuron_stats, neuron_top, "
+    "hash_codes, thresholds, ... (complete runs only). One SELECT; read-only; "
+    f"at most {ROW_LIMIT:,} rows."
+)
+query = st.text_area("Query", EXAMPLE, height=160)
+if st.button("Run", type="primary"):
+    try:
+        result = run_sql(r.root, query)
+    except SqlRefused as err:
+        st.error(str(err))
+    else:
+        df = result.table.to_pandas()
+        if result.truncated:
+            st.warning(f"Showing the first {ROW_LIMIT:,} rows.")
+        st.dataframe(df, hide_index=True, width="stretch")
+        st.download_button("Download CSV", df.to_csv(index=False), "query.csv", "text/csv")

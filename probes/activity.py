@@ -1,0 +1,35 @@
+"""Owner of METHODS.md §1 (firing) and §4 (hash-code packing).
+
+They live in probes/ because the probes compute them while the model runs and
+``analysis`` depends on ``probes``, not the other way round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_FNV_PRIME = np.uint64(0x100000001B3)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+
+
+def firing(post: torch.Tensor, gate_pre: torch.Tensor | None = None) -> torch.Tensor:
+    """``a_i > 0``; gated MLPs: ``σ(gate_i) > 0``, i.e. ``gate_i > 0`` for SiLU/GELU gates."""
+    return (gate_pre if gate_pre is not None else post) > 0
+
+
+def pack_codes(fires: np.ndarray) -> np.ndarray:
+    """Bit vectors [N, d] (bool) to packed bytes [N, ceil(d/8)], MSB-first (DuckDB BIT order)."""
+    return np.packbits(fires, axis=1, bitorder="big")
+
+
+def code64(packed: np.ndarray) -> np.ndarray:
+    """A 64-bit FNV-1a-style hash of each packed code (for grouping; equal codes, equal hash)."""
+    n, width = packed.shape
+    pad = (-width) % 8
+    words = np.ascontiguousarray(np.pad(packed, ((0, 0), (0, pad)))).view(np.uint64)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(words.shape[1]):
+            h = (h ^ words[:, j]) * _FNV_PRIME
+    return h

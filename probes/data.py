@@ -1,0 +1,128 @@
+"""Data sources: the built-in stdlib-docs corpus and the user's .txt / .jsonl files.
+
+A data spec is a string:
+
+- ``stdlib-docs`` (training split) or ``stdlib-docs:heldout`` — docstrings of
+  the running interpreter's standard library, parsed with ``ast`` (nothing is
+  imported), in sorted file order;
+- a path to a ``.txt`` file (documents separated by blank lines);
+- a path to a ``.jsonl`` file with a ``text`` field on every line.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import re
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+STDLIB = "stdlib-docs"
+_SPLITS = ("train", "heldout")
+_HELDOUT_EVERY = 10  # one document in ten (by a hash of its name) is held out
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
+
+
+class DataError(ValueError):
+    """Bad data input: one line naming the input and what to do."""
+
+
+@functools.cache
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if not _SKIP_DIRS.intersection(rel.parts[:-1]):
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _docstrings(path: Path) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) for the module, classes and functions of one file."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    module = path.stem
+    nodes = [(module, tree)]
+    while nodes:
+        name, node = nodes.pop(0)
+        doc = ast.get_docstring(node, clean=True)
+        if doc and len(doc) >= 40:
+            yield name, doc
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                nodes.append((f"{name}.{child.name}", child))
+
+
+def _split_of(name: str) -> str:
+    digest = hashlib.sha1(name.encode()).digest()
+    return "heldout" if digest[0] % _HELDOUT_EVERY == 0 else "train"
+
+
+def stdlib_docs(split: str = "train") -> Iterator[str]:
+    """Docstrings of the standard library, deterministic order, one document each."""
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r} of {STDLIB}: use one of {', '.join(_SPLITS)}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files():
+        prefix = path.relative_to(root).with_suffix("").as_posix().replace("/", ".")
+        for name, doc in _docstrings(path):
+            qualified = f"{prefix}:{name}"
+            if _split_of(qualified) == split:
+                yield doc
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    text = path.read_text(encoding="utf-8")
+    for doc in re.split(r"\n\s*\n", text):
+        if doc.strip():
+            yield doc.strip()
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f'{path}:{lineno}: each line needs a string field "text"')
+            if row["text"].strip():
+                yield row["text"]
+
+
+def validate(spec: str) -> None:
+    """Check a data spec completely before any work starts (files are read once)."""
+    if spec == STDLIB or spec.startswith(STDLIB + ":"):
+        split = spec.partition(":")[2] or "train"
+        if split not in _SPLITS:
+            raise DataError(f"unknown split {split!r} of {STDLIB}: use one of {', '.join(_SPLITS)}")
+        return
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data {spec!r} not found: give stdlib-docs, a .txt or a .jsonl file")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"data {spec!r}: unsupported file type; use .txt or .jsonl")
+    try:
+        if sum(1 for _ in documents(spec)) == 0:  # reads the whole file: errors surface now
+            raise DataError(f"data {spec!r} holds no text")
+    except UnicodeDecodeError:
+        raise DataError(f"data {spec!r} is not UTF-8 text") from None
+
+
+def documents(spec: str) -> Iterator[str]:
+    """Stream the documents of a data spec (see the module docstring)."""
+    if spec == STDLIB or spec.startswith(STDLIB + ":"):
+        return stdlib_docs(spec.partition(":")[2] or "train")
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    return _txt_documents(path)

@@ -1,0 +1,108 @@
+"""The catalog (``catalog.duckdb``): runs, models, SAEs and the schema version.
+
+The catalog is opened briefly for each read or transaction and closed again, so
+a probe job, the dashboard and a user's DuckDB session can share one store.
+DuckDB lets one process write a database file at a time; a connection that
+meets another process's lock waits and retries.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from sparsescope.store.errors import StoreError
+from sparsescope.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+CATALOG = "catalog.duckdb"
+LOCK_TIMEOUT_S = 60.0
+
+
+def _is_lock_error(err: duckdb.Error) -> bool:
+    text = str(err).lower()
+    return "lock" in text or "conflicting" in text
+
+
+@contextmanager
+def connect(root: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the catalog, waiting while another process holds its lock."""
+    path = root / CATALOG
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.Error as err:
+            if not _is_lock_error(err) or time.monotonic() > deadline:
+                raise StoreError(f"cannot open the catalog of {root}: {err}") from None
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 0.2)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The catalog's schema version (0 for an empty catalog)."""
+    tables = {
+        r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    }
+    if "schema_version" not in tables:
+        return 0
+    return con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] or 0
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply pending migrations in one transaction; returns the new version."""
+    current = schema_version(con)
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"store schema v{current} is newer than this SparseScope (v{SCHEMA_VERSION}): upgrade"
+        )
+    if current == SCHEMA_VERSION:
+        return current
+    con.execute("BEGIN")
+    if current == 0:
+        con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[version](con)
+        con.execute("INSERT INTO schema_version VALUES (?, now())", [version])
+    con.execute("COMMIT")
+    return SCHEMA_VERSION
+
+
+def is_store(root: Path) -> bool:
+    return (root / CATALOG).is_file()
+
+
+def check_store(root: Path) -> Path:
+    """Return ``root`` as a Path if it is a store, else raise a one-line StoreError."""
+    root = Path(root)
+    if not root.exists():
+        raise StoreError(
+            f"store {root} does not exist: run `sparsescope probe --store {root}` first"
+        )
+    if not is_store(root):
+        raise StoreError(f"{root} is not a SparseScope store (no {CATALOG})")
+    return root
+
+
+def init_store(root: Path) -> Path:
+    """Create a store at ``root`` (an absent or empty folder) or upgrade an existing one."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"store path {root} is a file, not a folder")
+    if root.is_dir() and not is_store(root) and any(root.iterdir()):
+        raise StoreError(f"{root} is not empty and not a SparseScope store: choose another path")
+    for sub in ("data", "staging"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    with connect(root) as con:
+        migrate(con)
+    return root

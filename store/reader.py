@@ -1,0 +1,93 @@
+"""Reader: an in-memory DuckDB connection with a view per table, complete runs only.
+
+The catalog's small tables are copied into memory on ``refresh`` (the catalog
+is attached read-only for milliseconds, never held); each data table is a view
+over its Parquet shards filtered to complete runs, so a job that is writing or
+died half-way stays invisible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from sparsescope.store import catalog
+from sparsescope.store.errors import StoreError
+from sparsescope.store.schema import CATALOG_DDL, DATA_TABLES, SCHEMA_VERSION
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+class Reader:
+    """Read-only SQL over a store: ``reader.sql("SELECT ...")`` returns a DataFrame."""
+
+    def __init__(self, root: Path | str):
+        self.root = catalog.check_store(Path(root)).resolve()
+        self.data_dir = self.root / "data"
+        self.con = duckdb.connect()
+        self._catalog_mtime: float | None = None
+        self.refresh()
+
+    def refresh(self, force: bool = True) -> bool:
+        """Reload the catalog snapshot and views; with ``force=False`` only if it changed."""
+        mtime = (self.root / catalog.CATALOG).stat().st_mtime
+        wal = self.root / (catalog.CATALOG + ".wal")
+        if wal.exists():
+            mtime = max(mtime, wal.stat().st_mtime)
+        if not force and mtime == self._catalog_mtime:
+            return False
+        with catalog.connect(self.root, read_only=True) as cat:
+            version = catalog.schema_version(cat)
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"store schema v{version} is newer than this SparseScope")
+            snapshot = {t: cat.sql(f"SELECT * FROM {t}").to_arrow_table() for t in CATALOG_DDL}
+        for table, data in snapshot.items():
+            self.con.register(f"_{table}_snapshot", data)
+            self.con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _{table}_snapshot")
+            self.con.unregister(f"_{table}_snapshot")
+        for table, schema in DATA_TABLES.items():
+            self._create_view(table, schema)
+        self._catalog_mtime = mtime
+        return True
+
+    def _create_view(self, table: str, schema: pa.Schema) -> None:
+        folder = self.data_dir / table
+        complete = "SELECT run_id FROM runs WHERE status = 'complete'"
+        if any(folder.glob("run_id=*/*.parquet")):
+            source = (
+                f"read_parquet({_quote(folder / '*' / '*.parquet')}, hive_partitioning = true,"
+                " hive_types = {'run_id': 'VARCHAR'}, union_by_name = true)"
+            )
+        else:
+            empty = pa.table(
+                {
+                    **{f.name: pa.array([], f.type) for f in schema},
+                    "run_id": pa.array([], pa.string()),
+                }
+            )
+            self.con.register("_empty", empty)
+            self.con.execute(f"CREATE OR REPLACE TABLE _empty_{table} AS SELECT * FROM _empty")
+            self.con.unregister("_empty")
+            source = f"_empty_{table}"
+        self.con.execute(
+            f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} WHERE run_id IN ({complete})"
+        )
+
+    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+        """Run a query on a fresh cursor (safe to share the reader across threads)."""
+        return self.con.cursor().execute(query, params or []).df()
+
+    def arrow(self, query: str, params: list | None = None) -> pa.Table:
+        return self.con.cursor().sql(query, params=params).to_arrow_table()
+
+    def disk_bytes(self) -> int:
+        """Size of the store on disk (catalog, data and staging)."""
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        self.con.close()

@@ -1,0 +1,150 @@
+"""Schema of the activation store: catalog tables, data tables and migrations.
+
+This module owns the shape of every table. Data tables are Parquet shards under
+``data/<table>/run_id=<id>/``; their ``run_id`` column comes from the folder
+name (hive partitioning), so the Arrow schemas below leave it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+CATALOG_DDL = {
+    "runs": """
+        CREATE TABLE runs (
+            run_id VARCHAR PRIMARY KEY, name VARCHAR, kind VARCHAR, status VARCHAR,
+            model_id VARCHAR, dataset VARCHAR, config JSON, started_at TIMESTAMP,
+            finished_at TIMESTAMP, n_tokens BIGINT, error VARCHAR)""",
+    "models": """
+        CREATE TABLE models (
+            model_id VARCHAR PRIMARY KEY, source VARCHAR, family VARCHAR, act_fn VARCHAR,
+            n_layers INTEGER, d_model INTEGER, d_mlp INTEGER, n_params BIGINT,
+            step BIGINT, tokens_seen BIGINT, train_loss DOUBLE, val_loss DOUBLE, path VARCHAR)""",
+    "saes": """
+        CREATE TABLE saes (
+            sae_id VARCHAR PRIMARY KEY, model_id VARCHAR, hook VARCHAR, arch VARCHAR,
+            d_in INTEGER, d_sae INTEGER, k INTEGER, metrics JSON, path VARCHAR)""",
+}
+
+DATA_TABLES: dict[str, pa.Schema] = {
+    "tokens": pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("token_id", pa.int32()),
+            ("token", pa.string()),
+        ]
+    ),
+    "layer_token_stats": pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("layer", pa.int16()),
+            ("n_active", pa.int32()),
+            ("l1", pa.float32()),
+            ("max_abs", pa.float32()),
+        ]
+    ),
+    "neuron_stats": pa.schema(
+        [
+            ("layer", pa.int16()),
+            ("neuron", pa.int32()),
+            ("n_tokens", pa.int64()),
+            ("n_active", pa.int64()),
+            ("sum", pa.float64()),
+            ("sum_sq", pa.float64()),
+            ("max", pa.float32()),
+        ]
+    ),
+    "neuron_top": pa.schema(
+        [
+            ("layer", pa.int16()),
+            ("neuron", pa.int32()),
+            ("rank", pa.int16()),
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("value", pa.float32()),
+        ]
+    ),
+    "hash_codes": pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("layer", pa.int16()),
+            ("code", pa.binary()),
+            ("code64", pa.uint64()),
+            ("n_active", pa.int32()),
+        ]
+    ),
+    "thresholds": pa.schema(
+        [
+            ("method", pa.string()),
+            ("p", pa.float64()),
+            ("layer", pa.int16()),
+            ("threshold", pa.float64()),
+            ("activation_ratio", pa.float64()),
+            ("ppl", pa.float64()),
+        ]
+    ),
+    "sae_feature_acts": pa.schema(
+        [
+            ("sae_id", pa.string()),
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("feature", pa.int32()),
+            ("value", pa.float32()),
+        ]
+    ),
+    "sae_feature_stats": pa.schema(
+        [
+            ("sae_id", pa.string()),
+            ("feature", pa.int32()),
+            ("n_tokens", pa.int64()),
+            ("n_active", pa.int64()),
+            ("sum", pa.float64()),
+            ("max", pa.float32()),
+        ]
+    ),
+    "patching_scores": pa.schema(
+        [
+            ("task", pa.string()),
+            ("method", pa.string()),
+            ("site", pa.string()),
+            ("layer", pa.int16()),
+            ("pos", pa.int32()),
+            ("head", pa.int32()),
+            ("neuron", pa.int32()),
+            ("score", pa.float64()),
+        ]
+    ),
+    "kernel_bench": pa.schema(
+        [
+            ("device", pa.string()),
+            ("kernel", pa.string()),
+            ("method", pa.string()),
+            ("sparsity", pa.float64()),
+            ("batch", pa.int32()),
+            ("d_model", pa.int32()),
+            ("d_mlp", pa.int32()),
+            ("dtype", pa.string()),
+            ("ms_dense", pa.float64()),
+            ("ms_sparse", pa.float64()),
+            ("gbytes_per_s", pa.float64()),
+        ]
+    ),
+}
+
+
+def _v1(con: duckdb.DuckDBPyConnection) -> None:
+    for ddl in CATALOG_DDL.values():
+        con.execute(ddl)
+
+
+# version -> function that brings a catalog from version-1 to version.
+# A later schema change adds an entry here; old runs are never rewritten.
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1}

@@ -1,0 +1,154 @@
+"""RunWriter: writes one run into ``staging/<run_id>/`` and commits it atomically.
+
+Commit = fsync the shards, rename each table folder into
+``data/<table>/run_id=<id>/``, then one catalog transaction that marks the run
+``complete``. Until then no reader sees a row of the run. The writer holds an
+advisory lock (``flock``) on ``staging/<run_id>/.lock`` for its whole life, so
+``gc`` can tell a live job from a dead one; each new writer runs ``gc`` first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sparsescope.store import catalog, gc
+from sparsescope.store.errors import StoreError
+from sparsescope.store.schema import DATA_TABLES
+
+FLUSH_BYTES = 64 << 20
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class RunWriter:
+    """Stage the tables of one run; ``commit`` publishes them, ``abort`` drops them."""
+
+    def __init__(
+        self,
+        root: Path,
+        kind: str,
+        model_id: str | None,
+        dataset: str | None,
+        config: dict,
+        name: str | None = None,
+    ):
+        self.root = catalog.init_store(Path(root))
+        gc.collect(self.root)
+        self.run_id = new_run_id()
+        self.staging = self.root / "staging" / self.run_id
+        self.staging.mkdir(parents=True)
+        self._lock = open(self.staging / gc.LOCK_NAME, "w")  # noqa: SIM115 (held until close)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._buffers: dict[str, list[pa.RecordBatch]] = {}
+        self._buffered: dict[str, int] = {}
+        self._parts: dict[str, int] = {}
+        self._done = False
+        with catalog.connect(self.root) as con:
+            con.execute(
+                "INSERT INTO runs (run_id, name, kind, status, model_id, dataset, config,"
+                " started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                [self.run_id, name, kind, model_id, dataset, json.dumps(config), _now()],
+            )
+
+    def write(self, table: str, data: pa.Table | pa.RecordBatch | dict) -> None:
+        """Buffer rows of ``table`` (columns as in the store schema)."""
+        if table not in DATA_TABLES:
+            raise StoreError(f"unknown table {table!r}")
+        schema = DATA_TABLES[table]
+        if isinstance(data, dict):
+            data = pa.table(data)
+        try:
+            data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+            data = data.select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise StoreError(f"rows for {table} do not fit its schema: {err}") from None
+        self._buffers.setdefault(table, []).extend(data.to_batches())
+        self._buffered[table] = self._buffered.get(table, 0) + data.nbytes
+        if self._buffered[table] >= FLUSH_BYTES:
+            self._flush(table)
+
+    def _flush(self, table: str) -> None:
+        batches = self._buffers.pop(table, [])
+        self._buffered.pop(table, None)
+        if not batches:
+            return
+        folder = self.staging / table
+        folder.mkdir(exist_ok=True)
+        n = self._parts.get(table, 0)
+        path = folder / f"part-{n:05d}.parquet"
+        pq.write_table(pa.Table.from_batches(batches, DATA_TABLES[table]), path)
+        _fsync(path)
+        self._parts[table] = n + 1
+
+    def commit(self, n_tokens: int | None = None, models: list[dict] | None = None) -> str:
+        """Publish the run: shards become visible together, atomically for readers."""
+        for table in list(self._buffers):
+            self._flush(table)
+        moved = []
+        for table in sorted(self._parts):
+            target = self.root / "data" / table / f"run_id={self.run_id}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / table, target)
+            _fsync(target.parent)
+            moved.append(target)
+        with catalog.connect(self.root) as con:
+            con.execute("BEGIN")
+            for row in models or []:
+                cols = list(row)
+                con.execute(
+                    f"INSERT OR REPLACE INTO models ({', '.join(cols)})"
+                    f" VALUES ({', '.join('?' * len(cols))})",
+                    [row[c] for c in cols],
+                )
+            con.execute(
+                "UPDATE runs SET status = 'complete', finished_at = ?, n_tokens = ?"
+                " WHERE run_id = ?",
+                [_now(), n_tokens, self.run_id],
+            )
+            con.execute("COMMIT")
+        self._close()
+        return self.run_id
+
+    def abort(self, error: str) -> None:
+        """Drop the staged shards and mark the run failed."""
+        with catalog.connect(self.root) as con:
+            con.execute(
+                "UPDATE runs SET status = 'failed', finished_at = ?, error = ? WHERE run_id = ?",
+                [_now(), error[:2000], self.run_id],
+            )
+        self._close()
+
+    def _close(self) -> None:
+        self._done = True
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.close()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort(f"{exc_type.__name__}: {exc}" if exc_type else "not committed")

@@ -1,0 +1,77 @@
+"""Shared fixtures: a small MiniLM probe store and helpers to compare store states."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsescope.store.catalog import CATALOG
+
+SMALL_TOKENS = 1536
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``sparsescope`` in a subprocess (real exit codes and stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sparsescope.app.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """Content hash of every file under a store (empty dict if absent)."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def minilm_store(tmp_path_factory) -> Path:
+    """A store with one MiniLM probe run over the start of stdlib-docs."""
+    from sparsescope.probes.job import ProbeConfig, run_probe
+
+    root = tmp_path_factory.mktemp("stores") / "minilm"
+    run_probe(
+        "minilm",
+        "stdlib-docs",
+        root,
+        ProbeConfig(max_tokens=SMALL_TOKENS, seq_len=64, batch_size=8),
+        "small",
+        quiet=True,
+    )
+    return root
+
+
+@pytest.fixture
+def store_copy(minilm_store, tmp_path) -> Path:
+    """A private copy of the MiniLM store that a test may change."""
+    dest = tmp_path / "store"
+    shutil.copytree(minilm_store, dest)
+    return dest
+
+
+@pytest.fixture
+def empty_store(tmp_path) -> Path:
+    from sparsescope.store.catalog import init_store
+
+    return init_store(tmp_path / "empty")
+
+
+def catalog_path(root: Path) -> Path:
+    return root / CATALOG

@@ -1,0 +1,165 @@
+"""The CLI: happy paths and bad input (one-line error, non-zero exit, store untouched)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import fingerprint, run_cli
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_runs_and_sql_formats(minilm_store):
+    runs = run_cli("runs", "--store", str(minilm_store), "--format", "json")
+    assert runs.returncode == 0, runs.stderr
+    (run,) = json.loads(runs.stdout)
+    assert run["status"] == "complete" and run["model_id"] == "minilm"
+    csv = run_cli(
+        "sql",
+        "--store",
+        str(minilm_store),
+        "--format",
+        "csv",
+        "SELECT layer, count(*) AS n FROM layer_token_stats GROUP BY layer ORDER BY layer",
+    )
+    assert csv.returncode == 0, csv.stderr
+    lines = csv.stdout.strip().splitlines()
+    assert lines[0] == "layer,n" and len(lines) == 7
+    table = run_cli("sql", "--store", str(minilm_store), "SELECT 42 AS answer")
+    assert table.returncode == 0 and "42" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "query, needle",
+    [
+        ("DROP TABLE runs", "only SELECT"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "Permission"),
+        ("SELECT 1; SELECT 2", "exactly one statement"),
+        ("SET enable_external_access = true", "only SELECT"),
+        ("COPY tokens TO '/tmp/out.csv'", "only SELECT"),
+        ("SELEC 1", "does not parse"),
+        ("SELECT * FROM no_such_table", "no_such_table"),
+    ],
+)
+def test_sql_refusals_exit_2_and_leave_store_unchanged(store_copy, query, needle):
+    before = fingerprint(store_copy)
+    result = run_cli("sql", "--store", str(store_copy), query)
+    assert result.returncode == 2
+    _one_line_error(result, needle)
+    assert fingerprint(store_copy) == before
+
+
+def test_sql_row_and_time_limits(minilm_store):
+    from sparsescope.store.console import SqlRefused, run_sql
+
+    result = run_sql(minilm_store, "SELECT * FROM range(100)", row_limit=10)
+    assert result.table.num_rows == 10 and result.truncated
+    with pytest.raises(SqlRefused, match="execution time"):
+        run_sql(
+            minilm_store,
+            "SELECT sum(a.range * b.range) FROM range(300000) a, range(300000) b",
+            time_limit_s=0.5,
+        )
+
+
+def test_missing_model(store_copy):
+    before = fingerprint(store_copy)
+    result = run_cli("probe", "--model", "/nowhere/model", "--store", str(store_copy))
+    _one_line_error(result, "/nowhere/model", "not found")
+    assert fingerprint(store_copy) == before
+
+
+def test_empty_data_file(store_copy, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    before = fingerprint(store_copy)
+    result = run_cli("probe", "--model", "minilm", "--data", str(empty), "--store", str(store_copy))
+    _one_line_error(result, "empty.txt", "no text")
+    assert fingerprint(store_copy) == before
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"text": "fine"}\n{not json}\n', ":2: not valid JSON"),
+        (
+            '{"text": "fine"}\n{"body": "no text field"}\n',
+            ':2: each line needs a string field "text"',
+        ),
+    ],
+)
+def test_malformed_jsonl(store_copy, tmp_path, content, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    before = fingerprint(store_copy)
+    result = run_cli("probe", "--model", "minilm", "--data", str(bad), "--store", str(store_copy))
+    _one_line_error(result, needle)
+    assert fingerprint(store_copy) == before
+
+
+def test_missing_data_file(store_copy, tmp_path):
+    result = run_cli(
+        "probe",
+        "--model",
+        "minilm",
+        "--data",
+        str(tmp_path / "nope.txt"),
+        "--store",
+        str(store_copy),
+    )
+    _one_line_error(result, "nope.txt", "not found")
+
+
+@pytest.mark.parametrize("command", [["runs"], ["sql", "SELECT 1"], ["store", "gc"]])
+def test_store_path_that_is_not_a_store(tmp_path, command):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a store")
+    before = fingerprint(junk)
+    result = run_cli(*command, "--store", str(junk))
+    _one_line_error(result, "not a SparseScope store")
+    assert fingerprint(junk) == before
+
+
+def test_probe_refuses_a_non_empty_folder_that_is_not_a_store(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("keep me")
+    result = run_cli("probe", "--model", "minilm", "--store", str(junk), "--max-tokens", "64")
+    _one_line_error(result, "not empty")
+    assert fingerprint(junk) == {"notes.txt": fingerprint(junk)["notes.txt"]}
+
+
+def test_probe_txt_and_jsonl_files(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("The first document.\n\nThe second one, after a blank line.\n")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "alpha beta gamma"}\n{"text": "delta epsilon"}\n')
+    store = tmp_path / "store"
+    for data in (txt, jsonl):
+        result = run_cli(
+            "probe",
+            "--model",
+            "minilm",
+            "--data",
+            str(data),
+            "--store",
+            str(store),
+            "--name",
+            data.suffix,
+        )
+        assert result.returncode == 0, result.stderr
+    runs = json.loads(run_cli("runs", "--store", str(store), "--format", "json").stdout)
+    assert [r["name"] for r in runs] == [".txt", ".jsonl"]
+    assert all(r["status"] == "complete" and r["n_tokens"] > 5 for r in runs)
+    gc = run_cli("store", "gc", "--store", str(store))
+    assert gc.returncode == 0 and "0 dead run(s)" in gc.stdout

@@ -1,0 +1,137 @@
+"""A killed job leaves nothing visible; a reader works while another process commits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from sparsescope.store.reader import Reader
+from tests.conftest import run_cli
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_run_leaves_no_visible_rows_and_next_job_completes(tmp_path):
+    root = tmp_path / "store"
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparsescope.app.cli",
+            "probe",
+            "--model",
+            "minilm",
+            "--store",
+            str(root),
+            "--max-tokens",
+            "400000",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        staging = root / "staging"
+        _wait_for(lambda: staging.is_dir() and any(staging.iterdir()), 120, "the job to start")
+        time.sleep(3)  # mid-run: batches are in flight
+        assert job.poll() is None, "the job ended before it could be killed"
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    killed = Reader(root).sql("SELECT run_id, status FROM runs")
+    assert killed["status"].tolist() == ["running"]  # never marked complete
+    killed_id = killed["run_id"][0]
+    reader = Reader(root)
+    for table in ("tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"):
+        n = reader.sql(f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [killed_id])["n"][0]
+        assert n == 0, table
+    done = run_cli(
+        "probe",
+        "--model",
+        "minilm",
+        "--store",
+        str(root),
+        "--max-tokens",
+        "256",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+    )
+    assert done.returncode == 0, done.stderr
+    new_id = done.stdout.strip().splitlines()[-1]
+    reader.refresh()
+    status = dict(reader.sql("SELECT run_id, status FROM runs").values.tolist())
+    assert status == {killed_id: "failed", new_id: "complete"}  # the new writer's gc ran
+    assert reader.sql("SELECT count(*) AS n FROM tokens")["n"][0] == 256
+    assert not (root / "staging" / killed_id).exists()
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from sparsescope.store.writer import RunWriter
+    root, n = sys.argv[1], int(sys.argv[2])
+    for k in range(2):
+        w = RunWriter(root, "probe", "m", "d", {}, name=f"run{k}")
+        for part in range(4):
+            w.write("tokens", {"seq_id": [part] * n, "pos": list(range(n)),
+                               "token_id": [k] * n, "token": ["t"] * n})
+            w._flush("tokens")
+            time.sleep(0.3)
+        w.commit(4 * n)
+        print(w.run_id, flush=True)
+        time.sleep(0.5)
+""")
+
+
+def test_reader_process_sees_runs_only_once_complete(tmp_path):
+    from sparsescope.store.catalog import init_store
+
+    root = init_store(tmp_path / "store")
+    n = 1000
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = Reader(root)
+    seen: dict[str, set[int]] = {}
+    queries = 0
+    while writer.poll() is None or queries == 0:
+        reader.refresh()
+        counts = reader.sql(
+            "SELECT r.run_id, r.status, count(t.pos) AS n FROM runs r"
+            " LEFT JOIN tokens t USING (run_id) GROUP BY ALL"
+        )
+        for row in counts.itertuples():
+            seen.setdefault(row.run_id, set()).add(row.n)
+            if row.n:
+                assert row.status == "complete"
+        queries += 1
+    out, err = writer.communicate()
+    assert writer.returncode == 0, err
+    run_ids = out.split()
+    assert len(run_ids) == 2 and queries > 10
+    reader.refresh()
+    final = reader.sql("SELECT run_id, count(*) AS n FROM tokens GROUP BY run_id")
+    assert sorted(final["run_id"]) == sorted(run_ids) and (final["n"] == 4 * n).all()
+    for run_id in run_ids:
+        assert seen.get(run_id, {0}) <= {0, 4 * n}  # never a partial run
