@@ -137,6 +137,32 @@ DATA_TABLES: dict[str, pa.Schema] = {
             ("gbytes_per_s", pa.float64()),
         ]
     ),
+    "hash_encoder_grid": pa.schema(
+        [
+            ("width", pa.int32()),
+            ("depth", pa.int16()),
+            ("epochs", pa.int32()),
+            ("seed", pa.int32()),
+            ("redundancy_train", pa.float64()),
+            ("redundancy_test", pa.float64()),
+            ("knn_acc", pa.float64()),
+            ("kmeans_acc", pa.float64()),
+            ("logreg_acc", pa.float64()),
+            ("model_acc", pa.float64()),
+        ]
+    ),
+    "sparsify_eval": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("method", pa.string()),
+            ("target", pa.float64()),
+            ("achieved_sparsity", pa.float64()),
+            ("metric", pa.string()),
+            ("dense_value", pa.float64()),
+            ("sparse_value", pa.float64()),
+            ("relative_increase", pa.float64()),
+        ]
+    ),
 }
 
 
