@@ -6,11 +6,13 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
 
 from sparsescope.app.output import FORMATS, emit
+from sparsescope.app.zoo_cli import zoo_app
 
 app = typer.Typer(
     help="SparseScope: activation sparsity, from probes to dashboard.",
@@ -23,6 +25,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
+app.add_typer(zoo_app, name="zoo")
 
 DEFAULT_DEMO_STORE = Path("stores/demo")
 DEMO_TOKENS = 50_000
@@ -34,10 +37,11 @@ FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from sparsescope.probes.data import DataError
     from sparsescope.probes.models import ModelError
+    from sparsescope.probes.zoo import ZooError
     from sparsescope.store.console import SqlRefused
     from sparsescope.store.errors import StoreError
 
-    return StoreError, DataError, ModelError, SqlRefused
+    return StoreError, DataError, ModelError, SqlRefused, ZooError
 
 
 def one_line_errors(fn):
@@ -157,30 +161,58 @@ def app_cmd(store: Path = StoreOpt, port: int = typer.Option(8501, "--port")):
 @one_line_errors
 def demo(
     store: Path = typer.Option(DEFAULT_DEMO_STORE, "--store"),
-    no_app: bool = typer.Option(False, "--no-app", help="Probe only; do not start the dashboard."),
+    no_app: bool = typer.Option(False, "--no-app", help="Do the work; do not start the dashboard."),
     port: int = typer.Option(8501, "--port"),
 ):
-    """The main job on the embedded default: probe MiniLM on stdlib-docs, open the dashboard."""
+    """The main job on the embedded default: the tiny zoo's sparsity laws and MiniLM, then the
+    dashboard. Everything is cached: a second run only starts the dashboard."""
+    from sparsescope.analysis.zoo_laws import analyze_zoo
     from sparsescope.probes.job import ProbeConfig, run_probe
+
+    start = time.perf_counter()
+    if not _has_run(store, "laws", None) or not _has_run(store, "probe", "zoo:%"):
+        analyze_zoo(store, "tiny")
+    if not _has_run(store, "probe", "minilm", DEMO_TOKENS):
+        run_probe("minilm", "stdlib-docs", store, ProbeConfig(max_tokens=DEMO_TOKENS), "demo")
+    typer.echo(f"demo store {store} ready in {time.perf_counter() - start:.1f}s")
+    if not no_app:
+        _launch_dashboard(store, port)
+
+
+def _has_run(store: Path, kind: str, model_like: str | None, n_tokens: int = 0) -> bool:
     from sparsescope.store.catalog import is_store
     from sparsescope.store.reader import Reader
 
-    done = (
-        is_store(store)
-        and not Reader(store)
-        .sql(
-            "SELECT 1 FROM runs WHERE status = 'complete' AND model_id = 'minilm'"
-            " AND dataset = 'stdlib-docs' AND n_tokens >= ?",
-            [DEMO_TOKENS],
-        )
-        .empty
+    if not is_store(store):
+        return False
+    query = (
+        "SELECT 1 FROM runs WHERE status = 'complete' AND kind = ? AND coalesce(n_tokens, 0) >= ?"
     )
-    if done:
-        typer.echo(f"demo store {store} is ready (cached)")
-    else:
-        run_probe("minilm", "stdlib-docs", store, ProbeConfig(max_tokens=DEMO_TOKENS), "demo")
-    if not no_app:
-        _launch_dashboard(store, port)
+    params: list = [kind, n_tokens]
+    if model_like is not None:
+        query += " AND model_id LIKE ?"
+        params.append(model_like)
+    return not Reader(store).sql(query, params).empty
+
+
+@app.command()
+@one_line_errors
+def laws(
+    store: Path = StoreOpt,
+    preset: str = typer.Option("tiny", "--preset", help="Zoo preset (trained if missing)."),
+    tokens: int = typer.Option(16_384, "--tokens", min=256, help="Probe tokens per checkpoint."),
+    ppl_tokens: int = typer.Option(8_192, "--ppl-tokens", min=256, help="Tokens for PPL-p%."),
+):
+    """Sparsity laws over the zoo: probe every checkpoint, PPL-p% and CETT, fit both law forms."""
+    from sparsescope.analysis.zoo_laws import analyze_zoo
+
+    fits = analyze_zoo(store, preset, tokens, ppl_tokens)
+    best = fits[fits["layer"] == -1].sort_values("r2", ascending=False).drop_duplicates("model")
+    emit(
+        best[["model", "act_fn", "form", "a0", "alpha", "r2"]].sort_values("model"),
+        "table",
+        title="best law per model (mean over layers)",
+    )
 
 
 @store_app.command("gc")

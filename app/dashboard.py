@@ -7,6 +7,9 @@ page = st.navigation(
     [
         st.Page("views/overview.py", title="Overview", default=True),
         st.Page("views/sparsity.py", title="Sparsity"),
+        st.Page("views/sparsity_laws.py", title="Sparsity laws"),
+        st.Page("views/dead_neurons.py", title="Dead neurons"),
+        st.Page("views/neuron_browser.py", title="Neuron browser"),
         st.Page("views/sql_console.py", title="SQL"),
     ]
 )

@@ -8,6 +8,7 @@ Memory holds one batch of windows at a time, whatever the corpus size.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ def _special_ids(tokenizer) -> tuple[int | None, int | None]:
     return bos, sep
 
 
+def _tokenized(tokenizer, docs: Iterable[str], chunk: int = 32) -> Iterator[list[int]]:
+    """Token ids of each document, tokenized a chunk of documents at a time."""
+    it = iter(docs)
+    while group := list(itertools.islice(it, chunk)):
+        yield from tokenizer(group, add_special_tokens=False)["input_ids"]
+
+
 def windows(
     tokenizer, docs: Iterable[str], seq_len: int, max_tokens: int | None
 ) -> Iterator[list[int]]:
@@ -35,8 +43,8 @@ def windows(
     body = seq_len - len(prefix)
     buf: list[int] = []
     emitted = 0
-    for doc in docs:
-        buf.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    for ids in _tokenized(tokenizer, docs):
+        buf.extend(ids)
         if sep is not None:
             buf.append(sep)
         while len(buf) >= body:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
+from sparsescope.probes.hooks import hooked
 from sparsescope.probes.mlp_probe import MlpProbe
 from sparsescope.probes.models import LoadedModel, load_model
 from sparsescope.store.writer import RunWriter
@@ -74,21 +75,20 @@ def probe_model(
         "probes": ["tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"],
     }
     n_tokens = 0
+    seq_len = min(config.seq_len, model.n_ctx)
     with ExitStack() as stack:
         writer = stack.enter_context(
             RunWriter(store, "probe", model.model_id, data, run_config, name)
         )
         progress = stack.enter_context(_progress(config.max_tokens, quiet))
         task = progress.add_task("probe", total=config.max_tokens)
-        for hook_name, fn in probe.hooks():
-            model.bridge.hook_dict[hook_name].add_hook(fn)
-        stack.callback(lambda: [model.bridge.hook_dict[h].remove_hooks() for h, _ in probe.hooks()])
+        stack.enter_context(hooked(model.bridge, probe.hooks()))
         stack.enter_context(torch.inference_mode())
         stack.enter_context(model.fast_attention())
         for batch in batches(
             model.tokenizer,
             data_sources.documents(data),
-            config.seq_len,
+            seq_len,
             config.batch_size,
             config.max_tokens,
         ):

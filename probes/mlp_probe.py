@@ -128,7 +128,8 @@ class MlpProbe:
     def _update_top(self, layer: int, values: torch.Tensor) -> None:
         """Merge a batch into the per-neuron top-k (value, token key) lists."""
         top_val, top_key = self.top_val[layer], self.top_key[layer]
-        if torch.isinf(top_val[-1]).any():  # lists not yet full: dense top-k of the batch
+        hits = None if torch.isinf(top_val[-1]).any() else values > top_val[-1]
+        if hits is None or hits.sum() > top_val.numel():  # not yet full, or many candidates
             k = min(self.top_k, values.shape[0])
             val, idx = values.topk(k, dim=0)
             cand_val = torch.cat([top_val, val])
@@ -137,7 +138,7 @@ class MlpProbe:
             top_val.copy_(best_val)
             top_key.copy_(cand_key.gather(0, best))
             return
-        tok, neuron = (values > top_val[-1]).nonzero(as_tuple=True)
+        tok, neuron = hits.nonzero(as_tuple=True)
         if tok.numel() == 0:
             return
         # candidates + current entries, sorted by neuron then value (descending)

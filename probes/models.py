@@ -36,6 +36,10 @@ class LoadedModel:
         return self.bridge.cfg.d_mlp
 
     @property
+    def n_ctx(self) -> int:
+        return int(self.bridge.cfg.n_ctx)
+
+    @property
     def gated(self) -> bool:
         return bool(getattr(self.bridge.cfg, "gated_mlp", False))
 
@@ -90,8 +94,8 @@ def _locate(spec: str) -> tuple[str, dict]:
             (row,) = zoo.resolve(spec)
         except ValueError as err:
             raise ModelError(str(err)) from None
-        extra = {k: row.get(k) for k in ("step", "tokens_seen", "train_loss", "val_loss")}
-        return str(row["path"]), {"source": "zoo", "family": row.get("family", "zoo"), **extra}
+        extra = {k: row.get(k) for k in ("act_fn", "step", "tokens_seen", "train_loss", "val_loss")}
+        return str(row["path"]), {"source": "zoo", "family": row["name"], **extra}
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -129,8 +133,8 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
         "d_mlp": cfg.d_mlp,
         "n_params": sum(p.numel() for p in bridge.original_model.parameters()),
         "path": where,
-        **extra,
     }
     if getattr(cfg, "gated_mlp", False):
         info["act_fn"] = f"gated-{info['act_fn']}"
+    info.update(extra)
     return LoadedModel(bridge, bridge.tokenizer, spec, info)

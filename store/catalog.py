@@ -79,7 +79,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def is_store(root: Path) -> bool:
-    return (root / CATALOG).is_file()
+    return (Path(root) / CATALOG).is_file()
 
 
 def check_store(root: Path) -> Path:

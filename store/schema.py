@@ -87,8 +87,10 @@ DATA_TABLES: dict[str, pa.Schema] = {
             ("p", pa.float64()),
             ("layer", pa.int16()),
             ("threshold", pa.float64()),
+            ("cett", pa.float64()),
             ("activation_ratio", pa.float64()),
             ("ppl", pa.float64()),
+            ("ppl_dense", pa.float64()),
         ]
     ),
     "sae_feature_acts": pa.schema(
@@ -149,6 +151,31 @@ DATA_TABLES: dict[str, pa.Schema] = {
             ("kmeans_acc", pa.float64()),
             ("logreg_acc", pa.float64()),
             ("model_acc", pa.float64()),
+        ]
+    ),
+    "cett_curves": pa.schema(
+        [
+            ("layer", pa.int16()),
+            ("threshold", pa.float64()),
+            ("cett", pa.float64()),
+            ("activation_ratio", pa.float64()),
+        ]
+    ),
+    "law_fits": pa.schema(
+        [
+            ("model", pa.string()),
+            ("act_fn", pa.string()),
+            ("n_layers", pa.int16()),
+            ("d_model", pa.int32()),
+            ("d_mlp", pa.int32()),
+            ("layer", pa.int16()),  # -1: the mean over layers
+            ("form", pa.string()),
+            ("c", pa.float64()),
+            ("alpha", pa.float64()),
+            ("b", pa.float64()),
+            ("a0", pa.float64()),
+            ("r2", pa.float64()),
+            ("n_points", pa.int32()),
         ]
     ),
     "sparsify_eval": pa.schema(

@@ -17,6 +17,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -73,13 +74,15 @@ class RunWriter:
                 [self.run_id, name, kind, model_id, dataset, json.dumps(config), _now()],
             )
 
-    def write(self, table: str, data: pa.Table | pa.RecordBatch | dict) -> None:
+    def write(self, table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame | dict) -> None:
         """Buffer rows of ``table`` (columns as in the store schema)."""
         if table not in DATA_TABLES:
             raise StoreError(f"unknown table {table!r}")
         schema = DATA_TABLES[table]
         if isinstance(data, dict):
             data = pa.table(data)
+        elif isinstance(data, pd.DataFrame):
+            data = pa.Table.from_pandas(data, preserve_index=False)
         try:
             data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
             data = data.select(schema.names).cast(schema)

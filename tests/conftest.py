@@ -75,3 +75,13 @@ def empty_store(tmp_path) -> Path:
 
 def catalog_path(root: Path) -> Path:
     return root / CATALOG
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Close cached dashboard readers so DuckDB connections do not outlive the interpreter."""
+    import gc
+
+    import streamlit as st
+
+    st.cache_resource.clear()
+    gc.collect()

@@ -10,7 +10,14 @@ from streamlit.testing.v1 import AppTest
 from sparsescope.app.state import STORE_ENV
 
 DASHBOARD = str(Path(__file__).parents[1] / "app" / "dashboard.py")
-PAGES = ["views/overview.py", "views/sparsity.py", "views/sql_console.py"]
+PAGES = [
+    "views/overview.py",
+    "views/sparsity.py",
+    "views/sparsity_laws.py",
+    "views/dead_neurons.py",
+    "views/neuron_browser.py",
+    "views/sql_console.py",
+]
 
 
 def _app(monkeypatch, store: Path) -> AppTest:

@@ -20,7 +20,14 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PAGES = {"": "SparseScope", "sparsity": "Sparsity", "sql_console": "SQL"}
+PAGES = {
+    "": "SparseScope",
+    "sparsity": "Sparsity",
+    "sparsity_laws": "Sparsity laws",
+    "dead_neurons": "Dead neurons",
+    "neuron_browser?layer=2&neuron=7": "Neuron browser",
+    "sql_console": "SQL",
+}
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("CI"):
@@ -81,7 +88,8 @@ def test_every_page_in_chromium(server, tmp_path):
             if path == "sql_console":
                 page.get_by_role("button", name="Run").click()
                 page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=60_000)
-            page.screenshot(path=tmp_path / f"page-{path or 'overview'}.png", full_page=True)
+            name = path.split("?")[0] or "overview"
+            page.screenshot(path=tmp_path / f"page-{name}.png", full_page=True)
             assert page.locator("[data-testid='stException']").count() == 0, path
         browser.close()
     print(f"screenshots in {tmp_path}")

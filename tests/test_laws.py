@@ -1,0 +1,109 @@
+"""Sparsity laws: law fits, PPL-p% thresholds, CETT, chunk-level sparsity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsescope.analysis import cett, laws
+from sparsescope.analysis.chunks import cls_curve
+from sparsescope.analysis.sparsity import activation_ratio
+from sparsescope.analysis.zoo_laws import heldout_batches
+from sparsescope.probes.models import load_model
+from sparsescope.store.reader import Reader
+
+TOKENS = np.array([0, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7, 2e7])
+
+
+@pytest.mark.parametrize(
+    "form, truth",
+    [
+        ("decreasing", {"c": 0.8, "alpha": 0.4, "b": -1.0, "a0": 0.05}),
+        ("increasing", {"c": 0.02, "alpha": 0.5, "a0": 0.3}),
+    ],
+)
+def test_fits_recover_known_parameters(form, truth):
+    fn = laws.FORMS[form][0]
+    d = np.maximum(TOKENS, 1) / laws.SCALE
+    noise = np.random.default_rng(0).normal(0, 2e-4, len(d))
+    fit = laws.fit_law(TOKENS, fn(d, *truth.values()) + noise, form)
+    assert fit is not None and fit.r2 > 0.999
+    for name, value in truth.items():
+        assert fit.params[name] == pytest.approx(value, rel=0.1, abs=0.01), name
+    other = "increasing" if form == "decreasing" else "decreasing"
+    wrong = laws.fit_law(TOKENS, fn(d, *truth.values()) + noise, other)
+    assert wrong is None or wrong.r2 < fit.r2
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory):
+    from sparsescope.probes.zoo import train_zoo
+
+    rows = train_zoo("micro", out=tmp_path_factory.mktemp("zoo"), only="relu-l2-d32")
+    return rows[-1]["path"]
+
+
+def _plain_loss(path, batches, thresholds=None, norms=None) -> float:
+    """Mean next-token loss with plain HF GPT-2 and torch hooks on each MLP's activation."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    handles = []
+    if thresholds is not None:
+        for i, block in enumerate(model.transformer.h):
+            w_out_norm = block.mlp.c_proj.weight.norm(dim=1)  # Conv1D weight is [d_mlp, d_model]
+            assert torch.allclose(w_out_norm, norms[i])
+
+            def hook(mod, inp, out, t=thresholds[i], n=w_out_norm):
+                return out * ((out.abs() * n) > t)
+
+            handles.append(block.mlp.act.register_forward_hook(hook))
+    total = count = 0
+    with torch.inference_mode():
+        for ids in batches:
+            out = model(input_ids=ids, labels=ids)
+            total += float(out.loss) * ids[:, 1:].numel()
+            count += ids[:, 1:].numel()
+    for h in handles:
+        h.remove()
+    return total / count
+
+
+def test_ppl_p_search_lands_where_it_claims(micro_model):
+    model = load_model(micro_model)
+    batches = heldout_batches(model, 2048)
+    result = cett.ppl_p_thresholds(model, batches, p=0.5)  # reachable for a micro model
+    assert result.reached
+    dense = _plain_loss(micro_model, batches)
+    sparse = _plain_loss(micro_model, batches, result.thresholds, cett.w_out_norms(model))
+    ratio = math.exp(sparse - dense)
+    assert ratio == pytest.approx(1.005, rel=cett.PPL_TOL)
+    assert result.ppl / result.ppl_dense == pytest.approx(ratio, rel=1e-4)
+    assert all(0 < r < 1 for r in result.activation_ratio)
+
+
+def test_cett_is_monotone_and_spans_zero_to_one(micro_model):
+    model = load_model(micro_model)
+    acts = cett.capture_post(model, heldout_batches(model, 512))
+    w_out = model.bridge.blocks[0].mlp.W_out.detach().float()
+    norms = cett.w_out_norms(model)[0]
+    values = [cett.cett(acts[0], w_out, norms, t) for t in (-1.0, 0.01, 0.1, 1.0, 1e9)]
+    assert values[0] == 0.0 and values[-1] == pytest.approx(1.0)
+    assert values == sorted(values)
+    # independent: one token by hand
+    a, keep = acts[0][:1], (acts[0][:1].abs() * norms) <= 0.1
+    expected = float(((a * keep) @ w_out).norm() / (a @ w_out).norm())
+    assert cett.cett(a, w_out, norms, 0.1) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cls_is_monotone_and_cls1_equals_tls(minilm_store):
+    reader = Reader(minilm_store)
+    run_id = reader.sql("SELECT run_id FROM runs")["run_id"][0]
+    curve = cls_curve(reader, run_id)
+    tls = activation_ratio(reader, run_id).set_index("layer")["sparsity"]
+    for layer, group in curve.groupby("layer"):
+        values = group.sort_values("chunk")["cls"].to_numpy()
+        assert np.all(np.diff(values) <= 1e-12), layer
+        assert values[0] == pytest.approx(tls[layer], abs=1e-12)
