@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import typer
 
+from sparsescope.app.experiment_cli import experiment_app
+from sparsescope.app.kernels_cli import bench_kernels, sparsify_eval
 from sparsescope.app.output import FORMATS, emit
+from sparsescope.app.sae_cli import sae_app
 from sparsescope.app.zoo_cli import zoo_app
 
 app = typer.Typer(
@@ -26,6 +28,8 @@ bench_app = typer.Typer(
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(sae_app, name="sae")
+app.add_typer(experiment_app, name="experiment")
 
 DEFAULT_DEMO_STORE = Path("stores/demo")
 DEMO_TOKENS = 50_000
@@ -37,11 +41,12 @@ FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from sparsescope.probes.data import DataError
     from sparsescope.probes.models import ModelError
+    from sparsescope.probes.sae import SaeError
     from sparsescope.probes.zoo import ZooError
     from sparsescope.store.console import SqlRefused
     from sparsescope.store.errors import StoreError
 
-    return StoreError, DataError, ModelError, SqlRefused, ZooError
+    return StoreError, DataError, ModelError, SqlRefused, ZooError, SaeError
 
 
 def one_line_errors(fn):
@@ -79,12 +84,25 @@ def probe(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     name: str = typer.Option(None, "--name", help="A name for the run."),
+    sae: list[Path] = typer.Option(
+        [], "--sae", help="A SAELens-format SAE folder to probe too (repeatable)."
+    ),
+    sparsify: str = typer.Option(
+        None,
+        "--sparsify",
+        help="METHOD:TARGET, e.g. threshold:0.5: probe the model running sparse.",
+    ),
 ):
     """Probe a model over a data set; prints the run id on its last line."""
     from sparsescope.probes.job import ProbeConfig, run_probe
 
     config = ProbeConfig(
-        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        saes=[str(p) for p in sae],
+        sparsify=sparsify,
     )
     for run_id in run_probe(model, data, store, config, name):
         print(run_id)
@@ -147,7 +165,8 @@ def _launch_dashboard(store: Path, port: int) -> None:
         "false",
     ]
     typer.echo(f"dashboard on http://localhost:{port} (store {store})")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, env)  # streamlit replaces this process: signals reach it
 
 
 @app.command("app")
@@ -164,8 +183,10 @@ def demo(
     no_app: bool = typer.Option(False, "--no-app", help="Do the work; do not start the dashboard."),
     port: int = typer.Option(8501, "--port"),
 ):
-    """The main job on the embedded default: the tiny zoo's sparsity laws and MiniLM, then the
-    dashboard. Everything is cached: a second run only starts the dashboard."""
+    """The main job on the embedded default: tiny-zoo sparsity laws, MiniLM, the dashboard.
+
+    Everything is cached: a second run only starts the dashboard.
+    """
     from sparsescope.analysis.zoo_laws import analyze_zoo
     from sparsescope.probes.job import ProbeConfig, run_probe
 
@@ -246,6 +267,10 @@ def bench_probe_cmd(
     typer.echo(f"bare HF forward : {r['bare_tok_s']:9.0f} tokens/s")
     typer.echo(f"probe (all, store): {r['probe_tok_s']:7.0f} tokens/s")
     typer.echo(f"ratio probe/bare : {r['ratio']:.3f}")
+
+
+app.command("sparsify-eval")(sparsify_eval)
+bench_app.command("kernels")(bench_kernels)
 
 
 def main() -> None:

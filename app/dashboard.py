@@ -10,6 +10,9 @@ page = st.navigation(
         st.Page("views/sparsity_laws.py", title="Sparsity laws"),
         st.Page("views/dead_neurons.py", title="Dead neurons"),
         st.Page("views/neuron_browser.py", title="Neuron browser"),
+        st.Page("views/hash_codes.py", title="Hash codes"),
+        st.Page("views/sae_features.py", title="SAE features"),
+        st.Page("views/kernels.py", title="Kernels"),
         st.Page("views/sql_console.py", title="SQL"),
     ]
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,10 @@ from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.mlp_probe import MlpProbe
-from sparsescope.probes.models import LoadedModel, load_model
+from sparsescope.probes.models import LoadedModel, ModelError, load_model
+from sparsescope.probes.sae import load_sae, register_sae, sae_id_of
+from sparsescope.probes.sae_probe import SaeProbe
+from sparsescope.probes.sparsified import parse_sparsify, sparsified
 from sparsescope.store.writer import RunWriter
 
 
@@ -27,6 +30,8 @@ class ProbeConfig:
     batch_size: int = 16
     device: str = "cpu"
     top_k: int = 20
+    saes: list[str] = field(default_factory=list)  # SAELens-format folders to probe too
+    sparsify: str | None = None  # METHOD:TARGET: probe the model running sparse
 
 
 class TokenNames:
@@ -58,6 +63,16 @@ def _progress(total: int | None, quiet: bool) -> Progress:
     )
 
 
+def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeProbe]]:
+    out = []
+    for path in config.saes:
+        sae = load_sae(path, config.device)
+        if sae.hook_name not in model.bridge.hook_dict:
+            raise ModelError(f"SAE {path} hooks {sae.hook_name}, which {model.model_id} lacks")
+        out.append((path, SaeProbe(sae, sae_id_of(path), config.device)))
+    return out
+
+
 def probe_model(
     model: LoadedModel,
     data: str,
@@ -67,33 +82,33 @@ def probe_model(
     quiet: bool = False,
 ) -> str:
     """Probe a loaded model over a data spec; returns the committed run id."""
-    probe = MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k, config.device)
+    saes = _sae_probes(model, config)
+    probes = [MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k, config.device)]
+    probes += [probe for _, probe in saes]
     names = TokenNames(model.tokenizer)
     backbone = model.backbone()
-    run_config = {
-        **vars(config),
-        "probes": ["tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"],
-    }
+    tables = ["tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"]
+    if saes:
+        tables += ["sae_feature_acts", "sae_feature_stats"]
+    run_config = {**asdict(config), "probes": tables}
     n_tokens = 0
     seq_len = min(config.seq_len, model.n_ctx)
     with ExitStack() as stack:
         writer = stack.enter_context(
             RunWriter(store, "probe", model.model_id, data, run_config, name)
         )
+        # sparsify first: its calibration passes must not reach the probes' hooks
+        stack.enter_context(sparsified(model, config.sparsify, data, seq_len, config.batch_size))
         progress = stack.enter_context(_progress(config.max_tokens, quiet))
         task = progress.add_task("probe", total=config.max_tokens)
-        stack.enter_context(hooked(model.bridge, probe.hooks()))
+        stack.enter_context(hooked(model.bridge, [h for p in probes for h in p.hooks()]))
         stack.enter_context(torch.inference_mode())
         stack.enter_context(model.fast_attention())
-        for batch in batches(
-            model.tokenizer,
-            data_sources.documents(data),
-            seq_len,
-            config.batch_size,
-            config.max_tokens,
-        ):
+        docs = data_sources.documents(data)
+        for batch in batches(model.tokenizer, docs, seq_len, config.batch_size, config.max_tokens):
             ids = batch.input_ids
-            probe.start_batch(batch.seq_ids, ids.shape[1])
+            for probe in probes:
+                probe.start_batch(batch.seq_ids, ids.shape[1])
             backbone(input_ids=ids.to(config.device))
             flat = ids.reshape(-1).numpy()
             writer.write(
@@ -105,15 +120,21 @@ def probe_model(
                     "token": names(flat),
                 },
             )
-            for table, rows in probe.take_rows().items():
-                writer.write(table, pa.Table.from_batches(rows))
+            for probe in probes:
+                for table, rows in probe.take_rows().items():
+                    if rows:
+                        writer.write(table, pa.Table.from_batches(rows))
             n_tokens += flat.size
             progress.update(task, advance=flat.size)
         if n_tokens == 0:
             raise data_sources.DataError(f"data {data!r} gave no tokens")
-        writer.write("neuron_stats", probe.neuron_stats())
-        writer.write("neuron_top", probe.neuron_top())
-        return writer.commit(n_tokens, models=[model.info])
+        for probe in probes:
+            for table, rows in probe.final_tables().items():
+                writer.write(table, rows)
+        run_id = writer.commit(n_tokens, models=[model.info])
+    for path, probe in saes:
+        register_sae(store, probe.sae_id, probe.sae, model.model_id, Path(path))
+    return run_id
 
 
 def run_probe(
@@ -128,6 +149,8 @@ def run_probe(
     from sparsescope.probes.models import expand
 
     data_sources.validate(data)
+    if config.sparsify:
+        parse_sparsify(config.sparsify)
     specs = expand(model_spec)
     run_ids = []
     for spec in specs:

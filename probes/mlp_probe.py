@@ -25,6 +25,30 @@ def hook_names(layer: int, gated: bool) -> tuple[str, str | None]:
     return post, (f"blocks.{layer}.mlp.hook_pre" if gated else None)
 
 
+def batch_top_k(values: torch.Tensor, k: int, block: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over tokens (dim 0) of values [N, d]: (values [k', d], token indices [k', d]).
+
+    Cheaper than ``values.topk(k, dim=0)``: a neuron's k best tokens lie in its k blocks
+    (of ``block`` consecutive tokens) with the highest block maxima, so only those
+    k·block rows per neuron are ranked.
+    """
+    n, d = values.shape
+    n_blocks = n // block
+    if n_blocks <= k:
+        return values.topk(min(k, n), dim=0)
+    block_max = values[: n_blocks * block].view(n_blocks, block, d).amax(1)
+    top_blocks = block_max.topk(k, dim=0).indices  # [k, d]
+    offsets = torch.arange(block, device=values.device).view(1, block, 1)
+    rows = (top_blocks.unsqueeze(1) * block + offsets).reshape(k * block, d)
+    tail = n - n_blocks * block
+    if tail:
+        rest = torch.arange(n_blocks * block, n, device=values.device).view(tail, 1).expand(tail, d)
+        rows = torch.cat([rows, rest])
+    cand = values.gather(0, rows)
+    val, pos = cand.topk(k, dim=0)
+    return val, rows.gather(0, pos)
+
+
 class MlpProbe:
     """Streaming firing statistics of every MLP layer."""
 
@@ -126,41 +150,30 @@ class MlpProbe:
         )
 
     def _update_top(self, layer: int, values: torch.Tensor) -> None:
-        """Merge a batch into the per-neuron top-k (value, token key) lists."""
+        """Merge a batch into the per-neuron top-k (value, token key) lists.
+
+        Only neurons whose batch maximum beats their current k-th best can change, so
+        only those columns are ranked (most of them, early on; few, later).
+        """
         top_val, top_key = self.top_val[layer], self.top_key[layer]
-        hits = None if torch.isinf(top_val[-1]).any() else values > top_val[-1]
-        if hits is None or hits.sum() > top_val.numel():  # not yet full, or many candidates
-            k = min(self.top_k, values.shape[0])
-            val, idx = values.topk(k, dim=0)
-            cand_val = torch.cat([top_val, val])
-            cand_key = torch.cat([top_key, self._keys[idx]])
-            best_val, best = cand_val.topk(self.top_k, dim=0)
-            top_val.copy_(best_val)
-            top_key.copy_(cand_key.gather(0, best))
+        cols = (values.amax(0) > top_val[-1]).nonzero().squeeze(1)
+        if cols.numel() == 0:
             return
-        tok, neuron = hits.nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            return
-        # candidates + current entries, sorted by neuron then value (descending)
-        d = self.d_mlp
-        all_neuron = torch.cat([torch.arange(d, device=tok.device).repeat(self.top_k), neuron])
-        all_val = torch.cat([top_val.reshape(-1), values[tok, neuron]])
-        all_key = torch.cat([top_key.reshape(-1), self._keys[tok]])
-        order = all_val.argsort(descending=True, stable=True)
-        order = order[all_neuron[order].argsort(stable=True)]
-        sorted_neuron = all_neuron[order]
-        counts = torch.bincount(sorted_neuron, minlength=d)
-        rank = (
-            torch.arange(len(order), device=tok.device) - (counts.cumsum(0) - counts)[sorted_neuron]
-        )
-        keep = rank < self.top_k
-        top_val[rank[keep], sorted_neuron[keep]] = all_val[order][keep]
-        top_key[rank[keep], sorted_neuron[keep]] = all_key[order][keep]
+        sub = values.index_select(1, cols)
+        val, idx = batch_top_k(sub, self.top_k)
+        cand_val = torch.cat([top_val.index_select(1, cols), val])
+        cand_key = torch.cat([top_key.index_select(1, cols), self._keys[idx]])
+        best_val, best = cand_val.topk(self.top_k, dim=0)
+        top_val[:, cols] = best_val
+        top_key[:, cols] = cand_key.gather(0, best)
 
     def take_rows(self) -> dict[str, list[pa.RecordBatch]]:
         """The per-token rows gathered since the last call."""
         rows, self.rows = self.rows, {name: [] for name in self.rows}
         return rows
+
+    def final_tables(self) -> dict[str, pa.Table]:
+        return {"neuron_stats": self.neuron_stats(), "neuron_top": self.neuron_top()}
 
     def neuron_stats(self) -> pa.Table:
         layers = np.repeat(np.arange(self.n_layers, dtype=np.int16), self.d_mlp)

@@ -193,6 +193,12 @@ DATA_TABLES: dict[str, pa.Schema] = {
 }
 
 
+# tables whose Parquet parts are sorted, so that DuckDB can skip row groups on lookups
+SORT_KEYS: dict[str, list[tuple[str, str]]] = {
+    "sae_feature_acts": [("sae_id", "ascending"), ("feature", "ascending")],
+}
+
+
 def _v1(con: duckdb.DuckDBPyConnection) -> None:
     for ddl in CATALOG_DDL.values():
         con.execute(ddl)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from sparsescope.store import catalog, gc
 from sparsescope.store.errors import StoreError
-from sparsescope.store.schema import DATA_TABLES
+from sparsescope.store.schema import DATA_TABLES, SORT_KEYS
 
 FLUSH_BYTES = 64 << 20
 
@@ -102,7 +102,10 @@ class RunWriter:
         folder.mkdir(exist_ok=True)
         n = self._parts.get(table, 0)
         path = folder / f"part-{n:05d}.parquet"
-        pq.write_table(pa.Table.from_batches(batches, DATA_TABLES[table]), path)
+        data = pa.Table.from_batches(batches, DATA_TABLES[table])
+        if table in SORT_KEYS:
+            data = data.sort_by(SORT_KEYS[table])
+        pq.write_table(data, path)
         _fsync(path)
         self._parts[table] = n + 1
 

@@ -16,6 +16,9 @@ PAGES = [
     "views/sparsity_laws.py",
     "views/dead_neurons.py",
     "views/neuron_browser.py",
+    "views/hash_codes.py",
+    "views/sae_features.py",
+    "views/kernels.py",
     "views/sql_console.py",
 ]
 

@@ -26,6 +26,9 @@ PAGES = {
     "sparsity_laws": "Sparsity laws",
     "dead_neurons": "Dead neurons",
     "neuron_browser?layer=2&neuron=7": "Neuron browser",
+    "hash_codes": "Hash codes",
+    "sae_features": "SAE features",
+    "kernels": "Kernels",
     "sql_console": "SQL",
 }
 

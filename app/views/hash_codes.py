@@ -1,0 +1,105 @@
+"""Hash codes: redundancy and categorization of firing patterns, Hamming neighbours, and the
+hash-encoder experiment's phase chart."""
+
+import pandas as pd
+import streamlit as st
+
+from sparsescope.analysis import hash_codes as hc
+from sparsescope.analysis.runs import d_mlp, probe_runs
+from sparsescope.app import charts_hash
+from sparsescope.app.state import pick_run, reader
+from sparsescope.store.hamming import nearest_codes
+
+
+# Cached per (store root, run id); the reader argument ``_r`` is left out of the key.
+@st.cache_data(show_spinner="Reading codes…")
+def _summary(_r, root: str, run_id: str) -> pd.DataFrame:
+    _, per_layer = hc.run_codes(_r, run_id)
+    return hc.summary(per_layer, d_mlp(_r, run_id))
+
+
+@st.cache_data(show_spinner="Fitting k-NN, k-means and logistic regression on codes…")
+def _categorization(_r, root: str, run_id: str) -> pd.DataFrame:
+    keys, per_layer = hc.run_codes(_r, run_id)
+    return hc.categorize_run(keys, per_layer, d_mlp(_r, run_id))
+
+
+def probed_model(r) -> None:
+    runs = probe_runs(r)
+    if runs.empty:
+        st.info("No complete probe runs yet: probe a model first (`sparsescope probe ...`).")
+        return
+    run_id = pick_run(r, runs)
+    root = str(r.root)
+    summary = _summary(r, root, run_id)
+    whole = summary[summary["layer"] == hc.ALL_LAYERS].iloc[0]
+    c = st.columns(3)
+    c[0].metric("Tokens", f"{int(whole['n_codes']):,}")
+    c[1].metric("Distinct whole-model codes", f"{int(whole['n_unique']):,}")
+    c[2].metric("Whole-model redundancy", f"{whole['redundancy']:.4f}")
+    st.plotly_chart(charts_hash.redundancy_bars(summary), width="stretch")
+    st.dataframe(summary, hide_index=True, width="stretch")
+    st.caption(
+        "Redundancy = (N − #unique codes) / N; `redundancy_nonconst` drops bits constant "
+        "over the tokens first (same value on one set: a constant bit never separates codes)."
+    )
+    if st.toggle("Categorization (k-NN, k-means, logistic regression)", key="categorize"):
+        st.caption(
+            f"Labels: current and next token, restricted to the {hc.N_CLASSES} most frequent "
+            f"tokens (at most {hc.MAX_SAMPLES:,} tokens); stratified 70/30 train/test split."
+        )
+        st.plotly_chart(
+            charts_hash.accuracy_lines(_categorization(r, root, run_id)), width="stretch"
+        )
+
+    layers = sorted(int(v) for v in summary["layer"] if v >= 0)
+    st.subheader("Most frequent codes")
+    layer = st.selectbox("Layer", layers, key="freq_layer")
+    st.dataframe(hc.frequent_codes(r, run_id, layer), hide_index=True, width="stretch")
+
+    st.subheader("Nearest codes")
+    n_seq = int(r.sql("SELECT max(seq_id) FROM tokens WHERE run_id = ?", [run_id]).iloc[0, 0])
+    c = st.columns(3)
+    seq_id = int(c[0].number_input("Sequence", 0, n_seq, 0, key="nn_seq"))
+    n_pos = int(
+        r.sql("SELECT max(pos) FROM tokens WHERE run_id = ? AND seq_id = ?", [run_id, seq_id]).iloc[
+            0, 0
+        ]
+    )
+    pos = int(c[1].number_input("Position", 0, n_pos, min(1, n_pos), key="nn_pos"))
+    choice = c[2].selectbox("Layer", ["all layers", *layers], key="nn_layer")
+    query = pd.DataFrame({"seq_id": [seq_id], "pos": [pos]})
+    st.markdown(f"Query: `{hc.token_contexts(r, run_id, query).iloc[0]}`")
+    hits = nearest_codes(r, run_id, None if choice == "all layers" else int(choice), seq_id, pos)
+    hits["context"] = hc.token_contexts(r, run_id, hits)
+    st.dataframe(hits, hide_index=True, width="stretch")
+
+
+def experiment(r) -> None:
+    runs = r.sql(
+        "SELECT run_id, any_value(seed) AS seed, count(*) AS points FROM hash_encoder_grid"
+        " GROUP BY run_id ORDER BY run_id DESC"
+    )
+    if runs.empty:
+        st.info(
+            "No hash-encoder experiment in this store yet: run "
+            f"`sparsescope experiment hash-encoder --store {r.root}` (about 2–4 minutes)."
+        )
+        return
+    run_id = st.selectbox("Experiment run", runs["run_id"].tolist(), key="experiment_run")
+    grid = r.sql("SELECT * FROM hash_encoder_grid WHERE run_id = ? ORDER BY ALL", [run_id])
+    st.caption(
+        "ReLU MLPs trained on scikit-learn's digits; code = firing bits of every hidden layer. "
+        "Redundancy on the training set; accuracies on the 30% test split."
+    )
+    for fig in charts_hash.phase_heatmaps(grid):
+        st.plotly_chart(fig, width="stretch")
+    st.plotly_chart(charts_hash.experiment_accuracy(grid), width="stretch")
+
+
+st.title("Hash codes")
+store = reader()
+st.header("Probed model")
+probed_model(store)
+st.header("Hash-encoder experiment")
+experiment(store)
