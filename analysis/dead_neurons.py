@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sparsescope.analysis.contexts import group_contexts
 from sparsescope.analysis.sparsity import activation_ratio, firing_frequency
 from sparsescope.store.reader import Reader
 
@@ -210,21 +211,7 @@ def top_contexts(
         " WHERE t.run_id = ? AND t.layer = ? AND t.neuron = ? ORDER BY t.rank, k.pos",
         [window, window, run_id, int(layer), int(neuron)],
     )
-    rows = []
-    for (rank, value, seq_id, pos), ctx in df.groupby(["rank", "value", "seq_id", "pos"]):
-        rows.append(
-            {
-                "rank": rank,
-                "value": value,
-                "seq_id": seq_id,
-                "pos": pos,
-                "token": ctx.loc[ctx["ctx_pos"] == pos, "token"].iloc[0],
-                "before": ctx.loc[ctx["ctx_pos"] < pos, "token"].tolist(),
-                "after": ctx.loc[ctx["ctx_pos"] > pos, "token"].tolist(),
-            }
-        )
-    columns = ["rank", "value", "seq_id", "pos", "token", "before", "after"]
-    return pd.DataFrame(rows, columns=columns).sort_values("rank", ignore_index=True)
+    return group_contexts(df)
 
 
 def unembedding(hf_model: torch.nn.Module) -> tuple[torch.Tensor, str]:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from sparsescope.analysis.contexts import group_contexts
 from sparsescope.analysis.dead_neurons import CONTEXT, unembedding
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import LoadedModel
@@ -203,21 +204,7 @@ def feature_contexts(
         " AND k.pos BETWEEN t.pos - ? AND t.pos + ? ORDER BY t.rank, k.pos",
         [run_id, sae_id, int(feature), n, run_id, window, window],
     )
-    rows = []
-    for (rank, value, seq_id, pos), ctx in df.groupby(["rank", "value", "seq_id", "pos"]):
-        rows.append(
-            {
-                "rank": rank,
-                "value": value,
-                "seq_id": seq_id,
-                "pos": pos,
-                "token": ctx.loc[ctx["ctx_pos"] == pos, "token"].iloc[0],
-                "before": ctx.loc[ctx["ctx_pos"] < pos, "token"].tolist(),
-                "after": ctx.loc[ctx["ctx_pos"] > pos, "token"].tolist(),
-            }
-        )
-    columns = ["rank", "value", "seq_id", "pos", "token", "before", "after"]
-    return pd.DataFrame(rows, columns=columns).sort_values("rank", ignore_index=True)
+    return group_contexts(df)
 
 
 def token_features(reader: Reader, run_id: str, sae_id: str, seq_id: int, pos: int) -> pd.DataFrame:

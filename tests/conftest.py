@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sparsescope.store.catalog import CATALOG
@@ -39,6 +40,30 @@ def fingerprint(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def hf_minilm_activations(tokens) -> dict[int, np.ndarray]:
+    """GELU outputs [N, 1536] per layer from a plain HF BertModel with torch forward hooks,
+    re-running stored tokens (columns seq_id, pos, token_id; sorted) one sequence at a time."""
+    import torch
+    from transformers import AutoModel
+
+    from sparsescope.probes.models import minilm_path
+
+    model = AutoModel.from_pretrained(minilm_path(), attn_implementation="eager").eval()
+    acts: dict[int, list] = {}
+    handles = [
+        layer.intermediate.register_forward_hook(
+            lambda mod, inp, out, i=i: acts.setdefault(i, []).append(out.reshape(-1, out.shape[-1]))
+        )
+        for i, layer in enumerate(model.encoder.layer)
+    ]
+    with torch.inference_mode():
+        for _, seq in tokens.groupby("seq_id", sort=True):
+            model(input_ids=torch.tensor(seq["token_id"].to_numpy())[None])
+    for h in handles:
+        h.remove()
+    return {i: torch.cat(a).numpy() for i, a in acts.items()}
 
 
 @pytest.fixture(scope="session")

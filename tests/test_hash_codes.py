@@ -8,19 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy.stats import entropy
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from streamlit.testing.v1 import AppTest
-from transformers import AutoModel
 
 from sparsescope.analysis import hash_codes as hc
 from sparsescope.app.state import STORE_ENV
-from sparsescope.probes.models import minilm_path
 from sparsescope.store.errors import StoreError
 from sparsescope.store.hamming import nearest_codes, nearest_to_code
 from sparsescope.store.reader import Reader
+from tests.conftest import hf_minilm_activations
 
 PAGE = str(Path(__file__).parents[1] / "app" / "views" / "hash_codes.py")
 
@@ -31,20 +29,7 @@ def independent(minilm_store):
     reader = Reader(minilm_store)
     run_id = reader.sql("SELECT run_id FROM runs")["run_id"][0]
     tokens = reader.sql("SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos")
-    model = AutoModel.from_pretrained(minilm_path(), attn_implementation="eager").eval()
-    acts: dict[int, list[torch.Tensor]] = {}
-    handles = [
-        layer.intermediate.register_forward_hook(
-            lambda mod, inp, out, i=i: acts.setdefault(i, []).append(out.reshape(-1, out.shape[-1]))
-        )
-        for i, layer in enumerate(model.encoder.layer)
-    ]
-    with torch.inference_mode():
-        for _, seq in tokens.groupby("seq_id", sort=True):
-            model(input_ids=torch.tensor(seq["token_id"].to_numpy())[None])
-    for h in handles:
-        h.remove()
-    bits = {i: (torch.cat(a) > 0).numpy() for i, a in acts.items()}
+    bits = {i: a > 0 for i, a in hf_minilm_activations(tokens).items()}
     bits[hc.ALL_LAYERS] = np.concatenate([bits[i] for i in range(6)], axis=1)
     return reader, run_id, tokens, bits
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModel
 
-from sparsescope.probes.models import minilm_path
 from sparsescope.store.reader import Reader
+from tests.conftest import hf_minilm_activations
 
 
 @pytest.fixture(scope="module")
@@ -16,20 +14,7 @@ def independent(minilm_store):
     """Re-run the stored tokens through plain BertModel; hook each layer's GELU output."""
     reader = Reader(minilm_store)
     tokens = reader.sql("SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos")
-    model = AutoModel.from_pretrained(minilm_path(), attn_implementation="eager").eval()
-    acts: dict[int, list[torch.Tensor]] = {}
-    handles = [
-        layer.intermediate.register_forward_hook(
-            lambda mod, inp, out, i=i: acts.setdefault(i, []).append(out.reshape(-1, out.shape[-1]))
-        )
-        for i, layer in enumerate(model.encoder.layer)
-    ]
-    with torch.inference_mode():
-        for _, seq in tokens.groupby("seq_id", sort=True):
-            model(input_ids=torch.tensor(seq["token_id"].to_numpy())[None])
-    for h in handles:
-        h.remove()
-    return reader, tokens, {i: torch.cat(a).numpy() for i, a in acts.items()}
+    return reader, tokens, hf_minilm_activations(tokens)
 
 
 def test_n_active_equals_independent_count_of_gelu_output_above_zero(independent):
