@@ -104,6 +104,7 @@ def probe_model(
         stack.enter_context(hooked(model.bridge, [h for p in probes for h in p.hooks()]))
         stack.enter_context(torch.inference_mode())
         stack.enter_context(model.fast_attention())
+        stack.enter_context(model.native_norms())
         docs = data_sources.documents(data)
         for batch in batches(model.tokenizer, docs, seq_len, config.batch_size, config.max_tokens):
             ids = batch.input_ids

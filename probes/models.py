@@ -58,6 +58,36 @@ class LoadedModel:
         finally:
             config._attn_implementation = previous
 
+    @contextmanager
+    def native_norms(self) -> Iterator[None]:
+        """Run LayerNorm/RMSNorm as the HF module itself while none of its hooks listens.
+
+        The bridge's norm wrapper recomputes the statistics in Python for ``hook_scale`` and
+        ``hook_normalized`` even when nothing reads them. Enter this after registering hooks:
+        a norm with a hook attached keeps the bridge's path.
+        """
+        from transformer_lens.model_bridge.generalized_components.normalization import (
+            NormalizationBridge,
+        )
+
+        swapped = []
+        for module in self.bridge.modules():
+            if isinstance(module, NormalizationBridge) and module.original_component is not None:
+                points = (
+                    module.hook_in,
+                    module.hook_out,
+                    module.hook_scale,
+                    module.hook_normalized,
+                )
+                if not any(p.fwd_hooks or p.bwd_hooks for p in points):
+                    module.__dict__["forward"] = module.original_component.forward
+                    swapped.append(module)
+        try:
+            yield
+        finally:
+            for module in swapped:
+                del module.__dict__["forward"]
+
     def backbone(self) -> torch.nn.Module:
         """The HF model without its LM/MLM head: what probes run (hooks still fire)."""
         return self.bridge.original_model.base_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sparsescope.store.reader import Reader
 from tests.conftest import hf_minilm_activations
@@ -97,3 +98,21 @@ def test_run_and_model_recorded(minilm_store):
     model = reader.sql("SELECT * FROM models").iloc[0]
     assert (model["n_layers"], model["d_mlp"], model["d_model"]) == (6, 1536, 384)
     assert model["act_fn"] == "gelu"
+
+
+def test_lean_forward_matches_the_bridge_and_is_undone():
+    from sparsescope.probes.models import load_model
+
+    model = load_model("minilm")
+    ids = torch.randint(1000, 20000, (2, 32), generator=torch.Generator().manual_seed(0))
+    seen = []
+    model.bridge.hook_dict["blocks.0.ln1.hook_scale"].add_hook(lambda t, hook: seen.append(1))
+    with torch.inference_mode():
+        full = model.backbone()(input_ids=ids).last_hidden_state
+        with model.fast_attention(), model.native_norms():
+            lean = model.backbone()(input_ids=ids).last_hidden_state
+    model.bridge.reset_hooks()
+    torch.testing.assert_close(lean, full, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 2  # a norm with a hook attached keeps the bridge's path
+    assert not any("forward" in m.__dict__ for m in model.bridge.modules())
+    assert model.bridge.original_model.config._attn_implementation == "eager"
