@@ -1,0 +1,236 @@
+"""Sparse-MLP kernels: torch reference, Triton kernels (interpreter on CPU), calibration."""
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit decoration
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsescope.kernels import bench, ops, thresholds, triton_mlp
+from sparsescope.kernels import reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and triton_mlp.HAS_TRITON:
+    if type(triton_mlp._sparse_rows_kernel).__name__ != "InterpretedFunction":
+        triton_mlp = importlib.reload(triton_mlp)  # imported before TRITON_INTERPRET was set
+
+needs_triton = pytest.mark.skipif(
+    not triton_mlp.HAS_TRITON, reason="triton is not importable (pip install triton)"
+)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _dense_masked(x, w_t, thresh):
+    """Plain dense float64 ``(x * keep) @ w_t`` with keep the union over tokens."""
+    keep = (x.abs().double() > thresh.double()).reshape(-1, x.shape[-1]).any(0)
+    return (x.double() * keep) @ w_t.double()
+
+
+def _problem(B, K, N, s, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g)
+    w1 = torch.randn(K, N, generator=g) / K**0.5
+    w2 = torch.randn(K, N, generator=g) / K**0.5
+    thresh = torch.full((K,), float(x.abs().quantile(s)) if s > 0 else -1.0)
+    return [t.to(device=device, dtype=dtype) for t in (x, w1, w2)] + [thresh.to(device)]
+
+
+def _close(y, expected, dtype):
+    y, expected = y.double().cpu(), expected.double().cpu()
+    scale = expected.abs().max().clamp_min(1.0)
+    assert (y - expected).abs().max() <= TOL[dtype] * 4 * scale
+
+
+# ---- reference -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.9])
+def test_reference_matches_dense(B, s):
+    x, w1, w2, t = _problem(B, 37, 23, s, torch.float32)
+    _close(ref.sparse_matmul_ref(x, w1, t), _dense_masked(x, w1, t), torch.float32)
+    keep = ref.keep_mask(x, t)
+    xm = x * keep
+    expected = torch.nn.functional.silu(xm.double() @ w1.double()) * (xm.double() @ w2.double())
+    _close(ref.sparse_gate_up_ref(x, w1, w2, t), expected, torch.float32)
+
+
+def test_reference_shapes_and_dtype():
+    x, w1, _, t = _problem(6, 16, 8, 0.5, torch.float16)
+    assert ref.sparse_matmul_ref(x[0], w1, t).shape == (8,)
+    y = ref.sparse_matmul_ref(x.reshape(2, 3, 16), w1, t)
+    assert y.shape == (2, 3, 8) and y.dtype == torch.float16
+
+
+def test_keep_mask_is_union_and_fallback_rule():
+    x, _, _, t = _problem(4, 50, 3, 0.8, torch.float32)
+    per_token = x.abs() > t
+    assert torch.equal(ref.keep_mask(x, t), per_token.any(0))
+    assert ref.use_dense(0.05, crossover=0.1) and not ref.use_dense(0.5, crossover=0.1)
+
+
+def test_ops_dispatch_cpu_and_fallback():
+    x, w1, w2, t = _problem(2, 40, 30, 0.7, torch.float32)
+    _close(ops.sparse_matmul(x, w1, t), ref.sparse_matmul_ref(x, w1, t), torch.float32)
+    _close(ops.sparse_matmul(x, w1, t, sparsity=0.0), x @ w1, torch.float32)
+    _close(
+        ops.sparse_gate_up(x, w1, w2, t, act="gelu", sparsity=0.0),
+        ref.dense_gate_up(x, w1, w2, "gelu"),
+        torch.float32,
+    )
+
+
+# ---- Triton kernels (TRITON_INTERPRET=1 on CPU) -----------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("config", [None, {"splits": 1}, {"splits": 3, "BLOCK_K": 16}])
+def test_triton_matches_reference(dtype, B, config):
+    x, w1, w2, t = _problem(B, 97, 53, 0.6, dtype, device=DEVICE)
+    _close(triton_mlp.sparse_matmul(x, w1, t, config=config), _dense_masked(x, w1, t), dtype)
+    for act in ("silu", "gelu", "relu"):
+        y = triton_mlp.sparse_gate_up(x, w1, w2, t, act=act, config=config)
+        _close(y, ref.sparse_gate_up_ref(x.double(), w1.double(), w2.double(), t, act), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_no_sparsity_is_dense_and_full_mask_is_zero(dtype):
+    x, w1, w2, _ = _problem(2, 70, 45, 0.0, dtype, device=DEVICE)
+    keep_all = torch.full((70,), -1.0, device=DEVICE)
+    _close(triton_mlp.sparse_matmul(x, w1, keep_all), x.double() @ w1.double(), dtype)
+    _close(triton_mlp.sparse_gate_up(x, w1, w2, keep_all), ref.dense_gate_up(x, w1, w2), dtype)
+    drop_all = torch.full((70,), float("inf"), device=DEVICE)
+    assert triton_mlp.sparse_matmul(x, w1, drop_all).abs().max() == 0
+    assert triton_mlp.sparse_gate_up(x, w1, w2, drop_all).abs().max() == 0
+
+
+@needs_triton
+def test_triton_batch_uses_union_of_masks():
+    x, w1, _, t = _problem(4, 64, 33, 0.9, torch.float32, device=DEVICE)
+    union = torch.zeros(64, dtype=torch.bool, device=DEVICE)
+    for row in x:
+        union |= row.abs() > t
+    _close(triton_mlp.sparse_matmul(x, w1, t), (x * union) @ w1, torch.float32)
+    # a token alone keeps fewer channels than inside the batch
+    alone = triton_mlp.sparse_matmul(x[:1], w1, t)
+    _close(alone, _dense_masked(x[:1], w1, t), torch.float32)
+
+
+@needs_triton
+def test_triton_split_reduction_is_deterministic_and_resets_counters():
+    # many K-splits and a batch wider than one reduction chunk (BLOCK_R < B)
+    x, w1, w2, t = _problem(9, 300, 70, 0.5, torch.float32, device=DEVICE)
+    cfg = {"splits": 16, "BLOCK_K": 16, "BLOCK_N": 64}
+    y = triton_mlp.sparse_matmul(x, w1, t, config=cfg)
+    _close(y, _dense_masked(x, w1, t), torch.float32)
+    assert torch.equal(triton_mlp.sparse_matmul(x, w1, t, config=cfg), y)
+    g = triton_mlp.sparse_gate_up(x, w1, w2, t, act="gelu", config=cfg)
+    _close(
+        g, ref.sparse_gate_up_ref(x.double(), w1.double(), w2.double(), t, "gelu"), torch.float32
+    )
+    assert int(triton_mlp._COUNTERS[x.device].abs().sum()) == 0
+
+
+@needs_triton
+@settings(max_examples=8, deadline=None)
+@given(
+    B=st.integers(1, 9),
+    K=st.integers(1, 80),
+    N=st.integers(1, 40),
+    s=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    gated=st.booleans(),
+)
+def test_triton_property(B, K, N, s, seed, gated):
+    x, w1, w2, t = _problem(B, K, N, s, torch.float32, seed=seed, device=DEVICE)
+    if gated:
+        expected = ref.sparse_gate_up_ref(x.double(), w1.double(), w2.double(), t)
+        _close(triton_mlp.sparse_gate_up(x, w1, w2, t), expected, torch.float32)
+    else:
+        _close(triton_mlp.sparse_matmul(x, w1, t), _dense_masked(x, w1, t), torch.float32)
+
+
+def test_import_guard():
+    assert isinstance(triton_mlp.HAS_TRITON, bool)
+
+
+# ---- calibration -----------------------------------------------------------------------
+
+
+def _sparsity(acts, thresh):
+    return (acts.abs() <= thresh).float().mean().item()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.9])
+def test_calibration_hits_target_on_held_out(target):
+    g = torch.Generator().manual_seed(1)
+    scale = torch.rand(64, generator=g) + 0.2
+    acts = torch.randn(4000, 64, generator=g) * scale
+    calib, held = acts[:2000], acts[2000:]
+    w_t = torch.randn(64, 32, generator=g) * (torch.rand(64, 1, generator=g) + 0.5)
+    for thresh in (
+        thresholds.threshold(calib, target),
+        thresholds.wina(calib, w_t, target),
+        thresholds.wina(calib, (w_t, w_t.flip(1)), target),
+        thresholds.cett(calib, w_t, sparsity=target),
+    ):
+        assert thresh.shape == (64,) and thresh.dtype == torch.float32
+        assert abs(_sparsity(held, thresh) - target) < 0.02
+    up = torch.randn(4000, 64, generator=g) * scale.flip(0)
+    gate = torch.nn.functional.silu(acts)
+    chess = thresholds.chess(gate[:2000], up[:2000], target)
+    assert abs(_sparsity(gate[2000:], chess) - target) < 0.02
+
+
+def test_cett_with_given_layer_threshold():
+    w_t = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert torch.allclose(thresholds.cett(torch.ones(1, 2), w_t, t=10.0), torch.tensor([2.0, 10.0]))
+    with pytest.raises(ValueError):
+        thresholds.cett(torch.ones(1, 2), w_t)
+
+
+def test_relu_exact_is_lossless_on_relu_mlp():
+    g = torch.Generator().manual_seed(2)
+    w_in_t, w_out_t = torch.randn(32, 128, generator=g), torch.randn(128, 32, generator=g)
+    x = torch.randn(16, 32, generator=g)
+    a = torch.relu(x @ w_in_t)
+    thresh = thresholds.relu_exact(a)
+    for row in a:
+        y = ops.sparse_matmul(row.to(DEVICE), w_out_t.to(DEVICE), thresh.to(DEVICE))
+        torch.testing.assert_close(y.cpu(), row @ w_out_t, rtol=1e-5, atol=1e-4)  # fp32 order
+    assert _sparsity(a, thresh) > 0.3
+
+
+def test_stat_topk_keeps_about_k():
+    z = torch.randn(200, 1024, generator=torch.Generator().manual_seed(3))
+    out = thresholds.stat_topk(z, k=64)
+    assert (out >= 0).all()
+    assert abs((out > 0).sum(-1).float().mean().item() - 64) < 8
+    assert set(thresholds.METHODS) == {
+        "relu-exact", "threshold", "wina", "cett", "chess", "stat-topk",
+    }  # fmt: skip
+
+
+# ---- benchmark -------------------------------------------------------------------------
+
+
+def test_bench_rows_and_crossover():
+    rows = bench.run_bench(
+        "cpu", shapes=((64, 96),), batches=(1, 2), sparsities=(0.0, 0.5, 0.95), quick=True
+    )
+    keys = {
+        "device", "kernel", "method", "sparsity", "batch", "d_model", "d_mlp", "dtype",
+        "ms_dense", "ms_sparse", "gbytes_per_s", "speedup", "ceiling",
+    }  # fmt: skip
+    assert len(rows) == 2 * 2 * 3 and all(set(r) == keys for r in rows)
+    assert all(r["ms_sparse"] <= r["ms_dense"] for r in rows)  # the fallback covers the rest
+    assert len(bench.crossover(rows)) == 4
