@@ -11,8 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from sparsescope.store.catalog import CATALOG
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU; set before any module imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sparsescope.store.catalog import CATALOG  # noqa: E402
 
 SMALL_TOKENS = 1536
 

@@ -1,14 +1,7 @@
-"""Sparse-MLP kernels: torch reference, Triton kernels (interpreter on CPU), calibration."""
-
-import importlib
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit decoration
+"""Sparse-MLP kernels: torch reference, Triton kernels (interpreted on CPU), calibration."""
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,9 +9,6 @@ from sparsescope.kernels import bench, ops, thresholds, triton_mlp
 from sparsescope.kernels import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and triton_mlp.HAS_TRITON:
-    if type(triton_mlp._sparse_rows_kernel).__name__ != "InterpretedFunction":
-        triton_mlp = importlib.reload(triton_mlp)  # imported before TRITON_INTERPRET was set
 
 needs_triton = pytest.mark.skipif(
     not triton_mlp.HAS_TRITON, reason="triton is not importable (pip install triton)"
