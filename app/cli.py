@@ -92,10 +92,25 @@ def probe(
         "--sparsify",
         help="METHOD:TARGET, e.g. threshold:0.5: probe the model running sparse.",
     ),
+    engine: str = typer.Option(
+        "local", "--engine", help="local, or ray: shard the batches over Ray actors."
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)."
+    ),
+    workers: int = typer.Option(
+        None, "--workers", min=1, help="Ray actors (default: one per GPU, else one per node)."
+    ),
 ):
     """Probe a model over a data set; prints the run id on its last line."""
     from sparsescope.probes.job import ProbeConfig, run_probe
 
+    if engine not in ("local", "ray"):
+        typer.echo("error: --engine must be local or ray", err=True)
+        raise typer.Exit(2)
+    if engine == "local" and (ray_address or workers):
+        typer.echo("error: --ray-address and --workers need --engine ray", err=True)
+        raise typer.Exit(2)
     config = ProbeConfig(
         max_tokens=max_tokens,
         seq_len=seq_len,
@@ -104,7 +119,17 @@ def probe(
         saes=[str(p) for p in sae],
         sparsify=sparsify,
     )
-    for run_id in run_probe(model, data, store, config, name):
+    if engine == "local":
+        run_ids = run_probe(model, data, store, config, name)
+    else:
+        from sparsescope.probes.ray_engine import EngineError, run_probe_ray
+
+        try:
+            run_ids = run_probe_ray(model, data, store, config, name, False, ray_address, workers)
+        except EngineError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+    for run_id in run_ids:
         print(run_id)
 
 

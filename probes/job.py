@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sparsescope.probes import data as data_sources
-from sparsescope.probes.batches import batches
+from sparsescope.probes.batches import Batch, batches
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.mlp_probe import MlpProbe
 from sparsescope.probes.models import LoadedModel, ModelError, load_model
@@ -73,6 +74,84 @@ def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeP
     return out
 
 
+def make_probes(model: LoadedModel, config: ProbeConfig) -> tuple[list, list[tuple[str, SaeProbe]]]:
+    """The probes of a job: the MLP probe, then one per SAE; and the (path, probe) SAE pairs."""
+    saes = _sae_probes(model, config)
+    probes = [MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k, config.device)]
+    return probes + [probe for _, probe in saes], saes
+
+
+def run_config(config: ProbeConfig, with_saes: bool, **extra) -> dict:
+    """The config JSON of a probe run: the settings and the tables it writes."""
+    tables = ["tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"]
+    if with_saes:
+        tables += ["sae_feature_acts", "sae_feature_stats"]
+    return {**asdict(config), "probes": tables, **extra}
+
+
+def seq_len_of(model: LoadedModel, config: ProbeConfig) -> int:
+    return min(config.seq_len, model.n_ctx)
+
+
+@contextmanager
+def probing(model: LoadedModel, probes: list, data: str, config: ProbeConfig) -> Iterator[None]:
+    """Sparsify the model if asked, attach the probes' hooks and set up fast inference."""
+    with ExitStack() as stack:
+        # sparsify first: its calibration passes must not reach the probes' hooks
+        stack.enter_context(
+            sparsified(model, config.sparsify, data, seq_len_of(model, config), config.batch_size)
+        )
+        stack.enter_context(hooked(model.bridge, [h for p in probes for h in p.hooks()]))
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(model.fast_attention())
+        stack.enter_context(model.native_norms())
+        yield
+
+
+def model_batches(model: LoadedModel, data: str, config: ProbeConfig) -> Iterator[Batch]:
+    """The job's batches, in order (deterministic for a data spec and config)."""
+    docs = data_sources.documents(data)
+    seq_len = seq_len_of(model, config)
+    return batches(model.tokenizer, docs, seq_len, config.batch_size, config.max_tokens)
+
+
+def probe_batch(
+    model: LoadedModel,
+    probes: list,
+    batch: Batch,
+    names: TokenNames,
+    write: Callable[[str, object], None],
+    device: str,
+) -> int:
+    """Run one batch inside ``probing``; write its token rows; returns its token count."""
+    ids = batch.input_ids
+    for probe in probes:
+        probe.start_batch(batch.seq_ids, ids.shape[1])
+    model.backbone()(input_ids=ids.to(device))
+    flat = ids.reshape(-1).numpy()
+    write(
+        "tokens",
+        {
+            "seq_id": np.repeat(batch.seq_ids, ids.shape[1]),
+            "pos": np.tile(np.arange(ids.shape[1], dtype=np.int32), len(batch.seq_ids)),
+            "token_id": flat.astype(np.int32),
+            "token": names(flat),
+        },
+    )
+    for probe in probes:
+        for table, rows in probe.take_rows().items():
+            if rows:
+                write(table, pa.Table.from_batches(rows))
+    return flat.size
+
+
+def write_final(probes: list, write: Callable[[str, object], None]) -> None:
+    """Write the probes' run-level tables (neuron stats, top contexts, SAE feature stats)."""
+    for probe in probes:
+        for table, rows in probe.final_tables().items():
+            write(table, rows)
+
+
 def probe_model(
     model: LoadedModel,
     data: str,
@@ -82,60 +161,37 @@ def probe_model(
     quiet: bool = False,
 ) -> str:
     """Probe a loaded model over a data spec; returns the committed run id."""
-    saes = _sae_probes(model, config)
-    probes = [MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k, config.device)]
-    probes += [probe for _, probe in saes]
+    probes, saes = make_probes(model, config)
     names = TokenNames(model.tokenizer)
-    backbone = model.backbone()
-    tables = ["tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"]
-    if saes:
-        tables += ["sae_feature_acts", "sae_feature_stats"]
-    run_config = {**asdict(config), "probes": tables}
     n_tokens = 0
-    seq_len = min(config.seq_len, model.n_ctx)
     with ExitStack() as stack:
         writer = stack.enter_context(
-            RunWriter(store, "probe", model.model_id, data, run_config, name)
+            RunWriter(store, "probe", model.model_id, data, run_config(config, bool(saes)), name)
         )
-        # sparsify first: its calibration passes must not reach the probes' hooks
-        stack.enter_context(sparsified(model, config.sparsify, data, seq_len, config.batch_size))
+        stack.enter_context(probing(model, probes, data, config))
         progress = stack.enter_context(_progress(config.max_tokens, quiet))
         task = progress.add_task("probe", total=config.max_tokens)
-        stack.enter_context(hooked(model.bridge, [h for p in probes for h in p.hooks()]))
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(model.fast_attention())
-        stack.enter_context(model.native_norms())
-        docs = data_sources.documents(data)
-        for batch in batches(model.tokenizer, docs, seq_len, config.batch_size, config.max_tokens):
-            ids = batch.input_ids
-            for probe in probes:
-                probe.start_batch(batch.seq_ids, ids.shape[1])
-            backbone(input_ids=ids.to(config.device))
-            flat = ids.reshape(-1).numpy()
-            writer.write(
-                "tokens",
-                {
-                    "seq_id": np.repeat(batch.seq_ids, ids.shape[1]),
-                    "pos": np.tile(np.arange(ids.shape[1], dtype=np.int32), len(batch.seq_ids)),
-                    "token_id": flat.astype(np.int32),
-                    "token": names(flat),
-                },
-            )
-            for probe in probes:
-                for table, rows in probe.take_rows().items():
-                    if rows:
-                        writer.write(table, pa.Table.from_batches(rows))
-            n_tokens += flat.size
-            progress.update(task, advance=flat.size)
+        for batch in model_batches(model, data, config):
+            size = probe_batch(model, probes, batch, names, writer.write, config.device)
+            n_tokens += size
+            progress.update(task, advance=size)
         if n_tokens == 0:
             raise data_sources.DataError(f"data {data!r} gave no tokens")
-        for probe in probes:
-            for table, rows in probe.final_tables().items():
-                writer.write(table, rows)
+        write_final(probes, writer.write)
         run_id = writer.commit(n_tokens, models=[model.info])
     for path, probe in saes:
         register_sae(store, probe.sae_id, probe.sae, model.model_id, Path(path))
     return run_id
+
+
+def model_specs(model_spec: str, data: str, config: ProbeConfig) -> list[str]:
+    """Validate the data and options of a job; returns the model specs it probes."""
+    from sparsescope.probes.models import expand
+
+    data_sources.validate(data)
+    if config.sparsify:
+        parse_sparsify(config.sparsify)
+    return expand(model_spec)
 
 
 def run_probe(
@@ -147,14 +203,8 @@ def run_probe(
     quiet: bool = False,
 ) -> list[str]:
     """Validate inputs, then probe every model the spec names; returns the run ids."""
-    from sparsescope.probes.models import expand
-
-    data_sources.validate(data)
-    if config.sparsify:
-        parse_sparsify(config.sparsify)
-    specs = expand(model_spec)
     run_ids = []
-    for spec in specs:
+    for spec in model_specs(model_spec, data, config):
         model = load_model(spec, config.device)
         start = time.perf_counter()
         run_ids.append(probe_model(model, data, store, config, name, quiet))

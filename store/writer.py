@@ -5,6 +5,8 @@ Commit = fsync the shards, rename each table folder into
 ``complete``. Until then no reader sees a row of the run. The writer holds an
 advisory lock (``flock``) on ``staging/<run_id>/.lock`` for its whole life, so
 ``gc`` can tell a live job from a dead one; each new writer runs ``gc`` first.
+Workers of a distributed job write their shards with ``PartWriter`` inside the
+run's staging folder; the driver ``adopt``s them before it commits.
 """
 
 from __future__ import annotations
@@ -44,6 +46,70 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+class PartWriter:
+    """Buffer rows per table and write them as sorted, fsynced ``<folder>/<table>/part-<n>``
+    Parquet files: a run's staging area, or one shard of it written by a worker."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._buffers: dict[str, list[pa.RecordBatch]] = {}
+        self._buffered: dict[str, int] = {}
+        self._parts: dict[str, int] = {}
+        self.rows: dict[str, int] = {}  # rows written per table
+
+    def write(self, table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame | dict) -> None:
+        """Buffer rows of ``table`` (columns as in the store schema)."""
+        if table not in DATA_TABLES:
+            raise StoreError(f"unknown table {table!r}")
+        schema = DATA_TABLES[table]
+        if isinstance(data, dict):
+            data = pa.table(data)
+        elif isinstance(data, pd.DataFrame):
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        try:
+            data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+            data = data.select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise StoreError(f"rows for {table} do not fit its schema: {err}") from None
+        self._buffers.setdefault(table, []).extend(data.to_batches())
+        self.rows[table] = self.rows.get(table, 0) + data.num_rows
+        self._buffered[table] = self._buffered.get(table, 0) + data.nbytes
+        if self._buffered[table] >= FLUSH_BYTES:
+            self.flush(table)
+
+    def flush(self, table: str) -> None:
+        batches = self._buffers.pop(table, [])
+        self._buffered.pop(table, None)
+        if not batches:
+            return
+        data = pa.Table.from_batches(batches, DATA_TABLES[table])
+        if table in SORT_KEYS:
+            data = data.sort_by(SORT_KEYS[table])
+        path = self._next_path(table)
+        pq.write_table(data, path)
+        _fsync(path)
+
+    def flush_all(self) -> None:
+        for table in list(self._buffers):
+            self.flush(table)
+
+    def add(self, table: str, part: Path) -> None:
+        """Rename a finished part file (same filesystem) in as this table's next part."""
+        os.replace(part, self._next_path(table))
+        _fsync(self.folder / table)
+
+    def tables(self) -> list[str]:
+        """Tables with at least one part file written."""
+        return list(self._parts)
+
+    def _next_path(self, table: str) -> Path:
+        folder = self.folder / table
+        folder.mkdir(parents=True, exist_ok=True)
+        n = self._parts.get(table, 0)
+        self._parts[table] = n + 1
+        return folder / f"part-{n:05d}.parquet"
+
+
 class RunWriter:
     """Stage the tables of one run; ``commit`` publishes them, ``abort`` drops them."""
 
@@ -63,9 +129,7 @@ class RunWriter:
         self.staging.mkdir(parents=True)
         self._lock = open(self.staging / gc.LOCK_NAME, "w")  # noqa: SIM115 (held until close)
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._buffers: dict[str, list[pa.RecordBatch]] = {}
-        self._buffered: dict[str, int] = {}
-        self._parts: dict[str, int] = {}
+        self._stage = PartWriter(self.staging)
         self._done = False
         with catalog.connect(self.root) as con:
             con.execute(
@@ -76,45 +140,29 @@ class RunWriter:
 
     def write(self, table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame | dict) -> None:
         """Buffer rows of ``table`` (columns as in the store schema)."""
-        if table not in DATA_TABLES:
-            raise StoreError(f"unknown table {table!r}")
-        schema = DATA_TABLES[table]
-        if isinstance(data, dict):
-            data = pa.table(data)
-        elif isinstance(data, pd.DataFrame):
-            data = pa.Table.from_pandas(data, preserve_index=False)
-        try:
-            data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
-            data = data.select(schema.names).cast(schema)
-        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise StoreError(f"rows for {table} do not fit its schema: {err}") from None
-        self._buffers.setdefault(table, []).extend(data.to_batches())
-        self._buffered[table] = self._buffered.get(table, 0) + data.nbytes
-        if self._buffered[table] >= FLUSH_BYTES:
-            self._flush(table)
+        self._stage.write(table, data)
 
     def _flush(self, table: str) -> None:
-        batches = self._buffers.pop(table, [])
-        self._buffered.pop(table, None)
-        if not batches:
-            return
-        folder = self.staging / table
-        folder.mkdir(exist_ok=True)
-        n = self._parts.get(table, 0)
-        path = folder / f"part-{n:05d}.parquet"
-        data = pa.Table.from_batches(batches, DATA_TABLES[table])
-        if table in SORT_KEYS:
-            data = data.sort_by(SORT_KEYS[table])
-        pq.write_table(data, path)
-        _fsync(path)
-        self._parts[table] = n + 1
+        self._stage.flush(table)
+
+    def adopt(self, folder: Path) -> dict[str, int]:
+        """Move the part files staged under ``folder/<table>/`` into this run (renamed, not
+        copied: ``folder`` must be on the store's filesystem); returns rows per table."""
+        rows: dict[str, int] = {}
+        for table_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+            if table_dir.name not in DATA_TABLES:
+                raise StoreError(f"{table_dir} is not a table of the store")
+            for part in sorted(table_dir.glob("part-*.parquet")):
+                n = pq.read_metadata(part).num_rows
+                self._stage.add(table_dir.name, part)
+                rows[table_dir.name] = rows.get(table_dir.name, 0) + n
+        return rows
 
     def commit(self, n_tokens: int | None = None, models: list[dict] | None = None) -> str:
         """Publish the run: shards become visible together, atomically for readers."""
-        for table in list(self._buffers):
-            self._flush(table)
+        self._stage.flush_all()
         moved = []
-        for table in sorted(self._parts):
+        for table in sorted(self._stage.tables()):
             target = self.root / "data" / table / f"run_id={self.run_id}"
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.staging / table, target)
