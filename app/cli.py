@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from sparsescope.app.circuits_cli import circuits
 from sparsescope.app.experiment_cli import experiment_app
 from sparsescope.app.kernels_cli import bench_kernels, sparsify_eval
 from sparsescope.app.output import FORMATS, emit
@@ -295,6 +296,7 @@ def bench_probe_cmd(
 
 
 app.command("sparsify-eval")(sparsify_eval)
+app.command()(circuits)
 bench_app.command("kernels")(bench_kernels)
 
 

@@ -13,6 +13,7 @@ page = st.navigation(
         st.Page("views/hash_codes.py", title="Hash codes"),
         st.Page("views/sae_features.py", title="SAE features"),
         st.Page("views/kernels.py", title="Kernels"),
+        st.Page("views/circuits.py", title="Circuits"),
         st.Page("views/sql_console.py", title="SQL"),
     ]
 )

@@ -15,7 +15,7 @@ zoo_app = typer.Typer(
     help="Train and list the built-in zoo of small causal LMs.", no_args_is_help=True
 )
 
-Preset = Annotated[str, typer.Option(help="Zoo preset: tiny (minutes on a CPU) or small.")]
+Preset = Annotated[str, typer.Option(help="Zoo preset: tiny, small, micro or ioi.")]
 Out = Annotated[Path | None, typer.Option(help="Zoo folder [default: $SPARSESCOPE_ZOO/<preset>].")]
 
 
@@ -59,6 +59,7 @@ def train(
     only: Annotated[str | None, typer.Option(help="Train only this model.")] = None,
 ) -> None:
     """Train the preset's models that are missing (finished models are reused)."""
+    from sparsescope.analysis import tasks  # noqa: F401 (registers the ioi preset's data mixer)
     from sparsescope.probes.zoo import ZooError, train_zoo
 
     try:

@@ -23,6 +23,14 @@ checkpoints, each with the running-mean train loss and the loss on a fixed held-
   (~5M non-embedding parameters each), 800 steps of 8 × 256 tokens (~4 epochs; estimated
   from FLOPs at ~20 minutes per model, some 4 hours on two CPU cores).
 - ``micro``: four 2 × 32 models trained for a few steps on a slice of the corpus, for tests.
+- ``ioi``: one GELU GPT-2 (3 × 128, 4 heads) for circuit work, 2000 steps of 16 × 128 tokens
+  on a corpus that is 90% (by characters) documents of the registered data mixer ``ioi``
+  (IOI sentences on train names, from ``sparsescope.analysis.tasks``) and 10% stdlib-docs;
+  its tokenizer is trained on that corpus, so names are single tokens. The mixer's metrics
+  function adds held-out IOI accuracy and logit differences to every checkpoint row.
+
+Data mixers are registered by the layer that owns the task data (``register_mixer``), so
+the zoo never imports ``analysis``; a preset without a mixer keeps its original cache key.
 
 A finished model is cached under a key hashed from its preset's training settings, its
 shape and ``CODE_VERSION``; ``train_zoo`` trains only what is missing or stale. A model is
@@ -37,9 +45,10 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,6 +118,8 @@ class Preset:
     n_checkpoints: int = 10  # log-spaced from step 1 to the last step, plus step 0
     max_train_chars: int | None = None  # None: the whole training split
     seed: int = 0
+    mix: str | None = None  # a registered data mixer whose documents join the corpus
+    mix_share: float = 0.0  # the mixer's share of the training characters
 
 
 PRESETS = {
@@ -147,12 +158,52 @@ PRESETS = {
         vocab_size=512,
         max_train_chars=60_000,
     ),
+    "ioi": Preset(
+        "ioi",
+        (_spec("gelu", 3, 128, 32),),
+        steps=2000,
+        batch_size=16,
+        seq_len=128,
+        lr=3e-3,
+        warmup=80,
+        val_tokens=16384,
+        n_checkpoints=6,
+        mix="ioi",
+        mix_share=0.9,
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """Extra training documents (endless, from a seed) and optional checkpoint metrics."""
+
+    docs: Callable[[int], Iterator[str]]
+    metrics: Callable[[PreTrainedModel, PreTrainedTokenizerFast], dict] | None = None
+
+
+MIXERS: dict[str, Mixer] = {}
+
+
+def register_mixer(name: str, docs: Callable[[int], Iterator[str]], metrics=None) -> None:
+    """Make ``name`` usable as a preset's ``mix``: ``docs(seed)`` yields documents."""
+    MIXERS[name] = Mixer(docs, metrics)
+
+
+def _mixer(p: Preset) -> Mixer | None:
+    if p.mix is None:
+        return None
+    if p.mix not in MIXERS:
+        raise ZooError(
+            f"zoo preset {p.name!r} needs the data mixer {p.mix!r}:"
+            " import sparsescope.analysis.tasks first (the circuits command does)"
+        )
+    return MIXERS[p.mix]
 
 
 def _preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ZooError(f"unknown zoo preset {name!r}: use tiny or small")
+        raise ZooError(f"unknown zoo preset {name!r}: use {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -169,6 +220,8 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
 
 def _key(p: Preset, spec: ModelSpec) -> str:
     recipe = {k: v for k, v in asdict(p).items() if k not in ("name", "models")}
+    if p.mix is None:  # presets without a mixer keep the keys they had before mixing existed
+        del recipe["mix"], recipe["mix_share"]
     config = {**recipe, "model": asdict(spec), "code": CODE_VERSION}
     config["python"] = platform.python_version()  # the corpus is this Python's stdlib
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -198,8 +251,20 @@ def _pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     return stream[: n * seq_len].view(n, seq_len)
 
 
+def _mixed(p: Preset, docs: list[str]) -> list[str]:
+    """The corpus with the mixer's documents added to ``mix_share`` of the characters."""
+    mixer = _mixer(p)
+    if mixer is None:
+        return docs
+    want = p.mix_share / (1 - p.mix_share) * sum(len(d) for d in docs)
+    extra = list(_take_chars(mixer.docs(p.seed), int(want)))
+    mixed = docs + extra
+    random.Random(p.seed).shuffle(mixed)
+    return mixed
+
+
 def _prepare_data(p: Preset) -> _Data:
-    docs = list(_take_chars(stdlib_docs("train"), p.max_train_chars))
+    docs = _mixed(p, list(_take_chars(stdlib_docs("train"), p.max_train_chars)))
     tokenizer = train_tokenizer(docs, p.vocab_size, p.seq_len)
     train = _pack(encode_stream(tokenizer, docs), p.seq_len)
     heldout = encode_stream(tokenizer, _take_chars(stdlib_docs("heldout"), 6 * p.val_tokens))
@@ -300,6 +365,7 @@ def _train_model(p: Preset, spec: ModelSpec, data: _Data, out: Path, progress: P
     opt = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(p, s))
     checkpoints = set(checkpoint_steps(p.steps, p.n_checkpoints))
+    mixer = _mixer(p)
     batches = _batches(data.train, p.batch_size, p.seed)
     base = {"name": spec.name, "preset": p.name, "family": spec.family, **asdict(spec)}
     base |= {"n_ctx": p.seq_len, "n_params": model.num_parameters()}
@@ -321,6 +387,10 @@ def _train_model(p: Preset, spec: ModelSpec, data: _Data, out: Path, progress: P
                     "path": f"{spec.name}/step-{step}",
                 }
             )
+            if mixer is not None and mixer.metrics is not None:
+                model.eval()
+                rows[-1] |= mixer.metrics(model, tok)
+                model.train()
             losses = []
             model.save_pretrained(tmp / f"step-{step}")
             tok.save_pretrained(tmp / f"step-{step}")

@@ -19,6 +19,7 @@ PAGES = [
     "views/hash_codes.py",
     "views/sae_features.py",
     "views/kernels.py",
+    "views/circuits.py",
     "views/sql_console.py",
 ]
 

@@ -29,6 +29,7 @@ PAGES = {
     "hash_codes": "Hash codes",
     "sae_features": "SAE features",
     "kernels": "Kernels",
+    "circuits": "Circuits",
     "sql_console": "SQL",
 }
 

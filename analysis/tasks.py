@@ -1,0 +1,200 @@
+"""Owner of METHODS.md §6 task data: IOI prompts and the normalised logit difference.
+
+A :class:`Task` is clean prompts, corrupted prompts, the answer tokens (correct, wrong)
+of each prompt and the metric. IOI prompts ("When Mary and John went to the store, John
+gave a drink to" → " Mary") use single-token names, places and objects; ABBA and BABA
+orders alternate; the corrupted prompt keeps template, place and object and takes three
+fresh names (ABC). All prompts of a task share one template, so positions align across
+prompts; the tokenizer's BOS token (the zoo's document separator) leads each prompt. Names
+are split once, by a fixed seed, into disjoint train and test sets: the zoo's ``ioi`` preset
+trains on train names only, and the task is scored on test names.
+
+Other tasks plug in the same way: a builder ``(tokenizer, n, split, seed) -> Task`` in
+``TASKS``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsescope.probes import zoo
+
+NAMES = (
+    "Mary John Alice Bob Tom James Anna Sarah David Paul Peter Mark Lisa Kate Jack Emma Max "
+    "Sam Ann Dan Ben Tim Joe Eve Adam Mike Kim Leo Ray Lee Amy Ron Ted Jim Jane Rose Ruth "
+    "Carl Fred Greg Hugo Ian Ivan Jon Karl Ken Luke Matt Nick Otto Pete Rick Sean Tony Will "
+    "Zoe Beth Cara Dora Ella Fay Gina Hope Ida Joy Kay Lily Mia Nora Olga Pam Rita Sue Tina "
+    "Una Vera Wendy Yara Adrian Brian Colin Derek Ethan Frank Henry Isaac Jacob Kevin Louis "
+    "Oscar Simon Victor Walter Grace Helen Irene Julia Laura Maria Nina Paula Sophie Diana"
+).split()
+PLACES = (
+    "store park school garden office market station house beach library hospital kitchen "
+    "farm museum river church"
+).split()
+OBJECTS = "drink book ring bag key letter gift ball apple pen cake flower card hat map box".split()
+TEMPLATES = (
+    "When {A} and {B} went to the {P}, {C} gave a {O} to",
+    "After {A} and {B} went to the {P}, {C} gave a {O} to",
+    "When {A} and {B} got to the {P}, {C} handed a {O} to",
+    "While {A} and {B} were at the {P}, {C} gave a {O} to",
+)
+TEST_SHARE = 0.25
+_SPLIT_SEED = 1234
+
+
+class TaskError(ValueError):
+    """Bad task request (unknown task, too few single-token names): one clear line."""
+
+
+@dataclass
+class Task:
+    """Paired prompts ``[n, seq]`` (same length), answers ``[n, 2]`` = (correct, wrong)."""
+
+    name: str
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    answers: torch.Tensor
+    pos_labels: list[str] = field(default_factory=list)
+
+    @property
+    def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clean, self.corrupted
+
+    def logit_diff(self, logits: torch.Tensor) -> torch.Tensor:
+        """LD = logit(correct) − logit(wrong) at the last position, one per prompt.
+
+        ``logits`` may stack several replicas of the batch (``[k · n, seq, vocab]``).
+        """
+        last = logits[:, -1, :]
+        answers = self.answers.repeat(len(last) // len(self.answers), 1)
+        return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).squeeze(1)
+
+
+def normalized_ld(ld: torch.Tensor, ld_clean: float, ld_corr: float) -> torch.Tensor:
+    """``(mean LD − LD_corr) / (LD_clean − LD_corr)``: 0 on corrupted, 1 on clean prompts."""
+    return (ld.mean() - ld_corr) / (ld_clean - ld_corr)
+
+
+def split_names(split: str) -> list[str]:
+    """The train or test names (disjoint, fixed by a seed; before any tokenizer filter)."""
+    if split not in ("train", "test"):
+        raise TaskError(f"unknown name split {split!r}: use train or test")
+    names = sorted(NAMES)
+    random.Random(_SPLIT_SEED).shuffle(names)
+    n_test = round(TEST_SHARE * len(names))
+    return names[:n_test] if split == "test" else names[n_test:]
+
+
+def single_tokens(tokenizer, words: list[str]) -> list[str]:
+    """The words that are one token (with a leading space) under the tokenizer."""
+    return [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+
+
+def _fill(template: str, a: str, b: str, c: str, place: str, obj: str) -> str:
+    return template.format(A=a, B=b, C=c, P=place, O=obj)
+
+
+def ioi_prompt(rng: random.Random, names: list[str], template: str) -> tuple[str, str, str]:
+    """One clean IOI prompt and its (IO, S) names; ABBA or BABA at random."""
+    io, s = rng.sample(names, 2)
+    place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
+    a, b = (io, s) if rng.random() < 0.5 else (s, io)
+    return _fill(template, a, b, s, place, obj), io, s
+
+
+def ioi_task(tokenizer, n: int = 32, split: str = "test", seed: int = 0, template: int = 0) -> Task:
+    """``n`` IOI prompts on ``split`` names with ABC corruptions, all of one template."""
+    names = single_tokens(tokenizer, split_names(split))
+    places, objects = single_tokens(tokenizer, PLACES), single_tokens(tokenizer, OBJECTS)
+    if len(names) < 5 or not places or not objects:
+        raise TaskError(
+            f"the tokenizer has only {len(names)} single-token {split} names: IOI needs a"
+            " tokenizer trained with names, such as the zoo's ioi preset"
+        )
+    rng = random.Random(seed)
+    tmpl = TEMPLATES[template]
+    clean, corrupted, answers = [], [], []
+    for _ in range(n):
+        io, s = rng.sample(names, 2)
+        place, obj = rng.choice(places), rng.choice(objects)
+        a, b = (io, s) if len(clean) % 2 == 0 else (s, io)
+        x, y, z = rng.sample([m for m in names if m not in (io, s)], 3)
+        clean.append(_fill(tmpl, a, b, s, place, obj))
+        corrupted.append(_fill(tmpl, x, y, z, place, obj))
+        answers.append([tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in (io, s)])
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    enc = [
+        [bos + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for texts in (clean, corrupted)
+    ]
+    if len({len(ids) for ids in enc[0] + enc[1]}) != 1:
+        raise TaskError(f"IOI template {template} tokenizes to prompts of different lengths")
+    labels = ["BOS"] * len(bos) + _fill(tmpl, "A", "B", "S2", "P", "O").replace(",", " ,").split()
+    pos_labels = labels if len(labels) == len(enc[0][0]) else []
+    return Task(
+        "ioi",
+        torch.tensor(enc[0]),
+        torch.tensor(enc[1]),
+        torch.tensor(answers),
+        pos_labels or [str(i) for i in range(len(enc[0][0]))],
+    )
+
+
+TASKS: dict[str, Callable[..., Task]] = {"ioi": ioi_task}
+
+
+def make_task(name: str, tokenizer, n: int = 32, split: str = "test", seed: int = 0) -> Task:
+    """Build a registered task by name."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name](tokenizer, n=n, split=split, seed=seed)
+
+
+def ioi_training_docs(seed: int) -> Iterator[str]:
+    """Endless training documents for the zoo's ``ioi`` preset.
+
+    Four in five are complete IOI sentences on train names (every template). One in five is
+    a non-IOI sentence that names any name twice ("Nora was here, and then Nora left."), so
+    that test names are known tokens which the model can copy, though it never sees them in
+    an IOI prompt (pretrained models know names the same way).
+    """
+    rng = random.Random(seed)
+    train = split_names("train")
+    while True:
+        if rng.random() < 0.8:
+            text, io, _ = ioi_prompt(rng, train, rng.choice(TEMPLATES))
+            yield f"{text} {io}."
+        else:
+            who = rng.choice(NAMES)
+            yield f"{who} was at the {rng.choice(PLACES)}, and then {who} left."
+
+
+@torch.no_grad()
+def ioi_metrics(model, tokenizer, n: int = 64) -> dict:
+    """Held-out (test-name) IOI accuracy (logit(IO) > logit(S)) and mean clean/corrupted LD.
+
+    ``model`` is a Hugging Face causal LM; every template that tokenizes evenly counts.
+    """
+    lds, ld_corr = [], []
+    for template in range(len(TEMPLATES)):
+        try:
+            task = ioi_task(tokenizer, n=n, split="test", seed=100 + template, template=template)
+        except TaskError:
+            continue
+        lds.append(task.logit_diff(model(input_ids=task.clean).logits))
+        ld_corr.append(task.logit_diff(model(input_ids=task.corrupted).logits))
+    if not lds:
+        return {}
+    ld, corr = torch.cat(lds), torch.cat(ld_corr)
+    return {
+        "ioi_acc": float((ld > 0).float().mean()),
+        "ioi_ld_clean": float(ld.mean()),
+        "ioi_ld_corr": float(corr.mean()),
+    }
+
+
+zoo.register_mixer("ioi", ioi_training_docs, ioi_metrics)
