@@ -157,20 +157,25 @@ def make_task(name: str, tokenizer, n: int = 32, split: str = "test", seed: int 
 def ioi_training_docs(seed: int) -> Iterator[str]:
     """Endless training documents for the zoo's ``ioi`` preset.
 
-    Four in five are complete IOI sentences on train names (every template). One in five is
-    a non-IOI sentence that names any name twice ("Nora was here, and then Nora left."), so
-    that test names are known tokens which the model can copy, though it never sees them in
-    an IOI prompt (pretrained models know names the same way).
+    70% are complete IOI sentences on train names (every template). The rest name any name,
+    test names included, but never complete an IOI prompt with a name: 15% copy a name ("Nora
+    was at the park, and then Nora left.") and 15% are IOI frames that end in " them." The
+    model thus knows test names as names in the same frames (pretrained models know names
+    the same way), while it learns the IOI answer on train names only.
     """
     rng = random.Random(seed)
     train = split_names("train")
     while True:
-        if rng.random() < 0.8:
+        u = rng.random()
+        if u < 0.7:
             text, io, _ = ioi_prompt(rng, train, rng.choice(TEMPLATES))
             yield f"{text} {io}."
-        else:
+        elif u < 0.85:
             who = rng.choice(NAMES)
             yield f"{who} was at the {rng.choice(PLACES)}, and then {who} left."
+        else:
+            text, _, _ = ioi_prompt(rng, NAMES, rng.choice(TEMPLATES))
+            yield f"{text} them."
 
 
 @torch.no_grad()

@@ -23,11 +23,12 @@ checkpoints, each with the running-mean train loss and the loss on a fixed held-
   (~5M non-embedding parameters each), 800 steps of 8 × 256 tokens (~4 epochs; estimated
   from FLOPs at ~20 minutes per model, some 4 hours on two CPU cores).
 - ``micro``: four 2 × 32 models trained for a few steps on a slice of the corpus, for tests.
-- ``ioi``: one GELU GPT-2 (3 × 128, 4 heads) for circuit work, 2000 steps of 16 × 128 tokens
+- ``ioi``: one GELU GPT-2 (3 × 128, 4 heads) for circuit work, 3000 steps of 16 × 128 tokens
   on a corpus that is 90% (by characters) documents of the registered data mixer ``ioi``
-  (IOI sentences on train names, from ``sparsescope.analysis.tasks``) and 10% stdlib-docs;
-  its tokenizer is trained on that corpus, so names are single tokens. The mixer's metrics
-  function adds held-out IOI accuracy and logit differences to every checkpoint row.
+  (IOI sentences answered on train names only, from ``sparsescope.analysis.tasks``) and 10%
+  stdlib-docs; its tokenizer is trained on that corpus, so names are single tokens. The
+  mixer's metrics function adds held-out IOI accuracy and logit differences to every
+  checkpoint row.
 
 Data mixers are registered by the layer that owns the task data (``register_mixer``), so
 the zoo never imports ``analysis``; a preset without a mixer keeps its original cache key.
@@ -161,7 +162,7 @@ PRESETS = {
     "ioi": Preset(
         "ioi",
         (_spec("gelu", 3, 128, 32),),
-        steps=2000,
+        steps=3000,
         batch_size=16,
         seq_len=128,
         lr=3e-3,

@@ -99,6 +99,16 @@ def test_ioi_task_data(tokenizer):
     }  # both ABBA and BABA
 
 
+def test_training_docs_answer_ioi_on_train_names_only():
+    test = set(tasks.split_names("test"))
+    docs = list(itertools.islice(tasks.ioi_training_docs(1), 3000))
+    frames = [d for d in docs if d.endswith(" to them.")]
+    answered = [d for d in docs if " to " in d and not d.endswith(" to them.")]
+    assert frames and answered and len(frames) + len(answered) < len(docs)  # and copy sentences
+    assert not {d.rsplit(" ", 1)[1].rstrip(".") for d in answered} & test
+    assert {w.strip(",") for d in frames for w in d.split()} & test  # test names are seen
+
+
 def test_normalized_ld_matches_plain_torch(task):
     logits = torch.randn(len(task.clean), task.clean.shape[1], int(task.answers.max()) + 1)
     ld = torch.tensor(
