@@ -2,7 +2,8 @@
 
 Every configuration probes MiniLM over stdlib-docs twice into fresh stores: a small run
 (two batches) and the full run. The small run's wall time is the fixed cost of a run
-(model load, and for Ray the actors' start-up); the difference between the two is the
+(model load, and for Ray the actors' start-up and their first read of the corpus;
+the driver's is warmed up by an untimed run); the difference between the two is the
 steady state. Ray's cluster start-up (``ray.init``) is timed on its own.
 Usage: ``python benchmarks/bench_ray.py [--tokens 16384] [--seq-len 128] [--batch-size 16]``
 """
@@ -36,6 +37,7 @@ def main() -> None:
         engines[f"ray x{workers}"] = lambda cfg, root, w=workers: run_probe_ray(
             "minilm", "stdlib-docs", root, cfg, quiet=True, workers=w
         )
+    engines["local"](configs[small_tokens], tmp / "warm-up")  # parse the corpus, warm caches
     rows = {}
     for name, engine in engines.items():
         if name.startswith("ray") and not ray.is_initialized():

@@ -9,12 +9,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+Array = torch.Tensor | np.ndarray
 _FNV_PRIME = np.uint64(0x100000001B3)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 
 
-def firing(post: torch.Tensor, gate_pre: torch.Tensor | None = None) -> torch.Tensor:
-    """``a_i > 0``; gated MLPs: ``σ(gate_i) > 0``, i.e. ``gate_i > 0`` for SiLU/GELU gates."""
+def firing(post: Array, gate_pre: Array | None = None) -> Array:
+    """``a_i > 0``; gated MLPs: ``σ(gate_i) > 0``, i.e. ``gate_i > 0`` for SiLU/GELU gates.
+
+    Works on torch tensors and numpy arrays alike (bool result of the same kind).
+    """
     return (gate_pre if gate_pre is not None else post) > 0
 
 

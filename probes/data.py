@@ -41,22 +41,27 @@ def _stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _docstrings(path: Path) -> Iterator[tuple[str, str]]:
-    """(qualified name, docstring) for the module, classes and functions of one file."""
+@functools.cache
+def _docstrings(path: Path) -> tuple[tuple[str, str], ...]:
+    """(qualified name, docstring) for the module, classes and functions of one file.
+
+    Cached: jobs that read the corpus many times (benchmarks, the zoo's laws) parse once.
+    """
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
-        return
-    module = path.stem
-    nodes = [(module, tree)]
+        return ()
+    out = []
+    nodes = [(path.stem, tree)]
     while nodes:
         name, node = nodes.pop(0)
         doc = ast.get_docstring(node, clean=True)
         if doc and len(doc) >= 40:
-            yield name, doc
+            out.append((name, doc))
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 nodes.append((f"{name}.{child.name}", child))
+    return tuple(out)
 
 
 def _split_of(name: str) -> str:

@@ -95,7 +95,7 @@ def merge_states(states: list[dict]) -> dict:
 
 def load_state(probe: MlpProbe | SaeProbe, state: dict) -> None:
     for name, value in state.items():
-        setattr(probe, name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+        setattr(probe, name, torch.tensor(value) if isinstance(value, np.ndarray) else value)
 
 
 class ShardWorker:
