@@ -62,6 +62,7 @@ for col, method in zip(st.columns(3), METHODS, strict=True):
     fig = px.imshow(grid.to_numpy(), x=x, y=[str(i) for i in grid.index], aspect="auto",
                     color_continuous_scale="RdBu", zmin=-limit, zmax=limit,
                     labels={"x": column, "y": "layer", "color": "score"}, title=method)  # fmt: skip
+    fig.update_yaxes(dtick=1)  # whole layers
     col.plotly_chart(fig, width="stretch")
 
 st.header("Agreement with activation patching")
