@@ -77,7 +77,7 @@ def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeP
 def make_probes(model: LoadedModel, config: ProbeConfig) -> tuple[list, list[tuple[str, SaeProbe]]]:
     """The probes of a job: the MLP probe, then one per SAE; and the (path, probe) SAE pairs."""
     saes = _sae_probes(model, config)
-    probes = [MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k, config.device)]
+    probes = [MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k)]
     return probes + [probe for _, probe in saes], saes
 
 

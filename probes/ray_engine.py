@@ -95,7 +95,8 @@ def merge_states(states: list[dict]) -> dict:
 
 def load_state(probe: MlpProbe | SaeProbe, state: dict) -> None:
     for name, value in state.items():
-        setattr(probe, name, torch.tensor(value) if isinstance(value, np.ndarray) else value)
+        tensor = isinstance(getattr(probe, name), torch.Tensor)
+        setattr(probe, name, torch.tensor(value) if tensor else value)
 
 
 class ShardWorker:
