@@ -15,13 +15,17 @@ Other tasks plug in the same way: a builder ``(tokenizer, n, split, seed) -> Tas
 
 from __future__ import annotations
 
+import collections
+import functools
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from sparsescope.probes import zoo
+from sparsescope.probes.data import stdlib_docs
 
 NAMES = (
     "Mary John Alice Bob Tom James Anna Sarah David Paul Peter Mark Lisa Kate Jack Emma Max "
@@ -42,7 +46,9 @@ TEMPLATES = (
     "When {A} and {B} got to the {P}, {C} handed a {O} to",
     "While {A} and {B} were at the {P}, {C} gave a {O} to",
 )
+COPY_TEMPLATE = "{N} was at the {P}, and then {N} left."
 TEST_SHARE = 0.25
+STAND_IN_SHARE = 0.75  # of the answered IOI training sentences
 _SPLIT_SEED = 1234
 
 
@@ -154,28 +160,39 @@ def make_task(name: str, tokenizer, n: int = 32, split: str = "test", seed: int 
     return TASKS[name](tokenizer, n=n, split=split, seed=seed)
 
 
+@functools.cache
+def stand_in_names(n: int = 600) -> tuple[str, ...]:
+    """The ``n`` most frequent words (4–8 letters) of the stdlib-docs training split,
+    capitalised; none is a name, place, object or template word of the IOI task."""
+    counts = collections.Counter(
+        w for doc in stdlib_docs("train") for w in re.findall(r"\b[a-z]{4,8}\b", doc)
+    )
+    taken = " ".join([*NAMES, *PLACES, *OBJECTS, *TEMPLATES, COPY_TEMPLATE]).lower()
+    skip = set(re.findall(r"[a-z]+", taken))
+    return tuple(w.capitalize() for w, _ in counts.most_common() if w not in skip)[:n]
+
+
 def ioi_training_docs(seed: int) -> Iterator[str]:
     """Endless training documents for the zoo's ``ioi`` preset.
 
-    70% are complete IOI sentences on train names (every template). The rest name any name,
-    test names included, but never complete an IOI prompt with a name: 15% copy a name ("Nora
-    was at the park, and then Nora left.") and 15% are IOI frames that end in " them." The
-    model thus knows test names as names in the same frames (pretrained models know names
-    the same way), while it learns the IOI answer on train names only.
+    70% are complete IOI sentences (every template): a quarter on train names, three
+    quarters on stand-in names (capitalised frequent words of the corpus, 600 of them),
+    which no model can learn name by name, so it learns IOI as an operation on whatever
+    tokens fill the name slots. The other 30% copy a name, any name, test names included
+    ("Nora was at the park, and then Nora left."), so the model knows test names as names
+    (pretrained models know names the same way), while no test name ever answers an IOI
+    sentence.
     """
     rng = random.Random(seed)
-    train = split_names("train")
+    train, stand_ins = split_names("train"), list(stand_in_names())
     while True:
         u = rng.random()
         if u < 0.7:
-            text, io, _ = ioi_prompt(rng, train, rng.choice(TEMPLATES))
+            names = stand_ins if u < 0.7 * STAND_IN_SHARE else train
+            text, io, _ = ioi_prompt(rng, names, rng.choice(TEMPLATES))
             yield f"{text} {io}."
-        elif u < 0.85:
-            who = rng.choice(NAMES)
-            yield f"{who} was at the {rng.choice(PLACES)}, and then {who} left."
         else:
-            text, _, _ = ioi_prompt(rng, NAMES, rng.choice(TEMPLATES))
-            yield f"{text} them."
+            yield COPY_TEMPLATE.format(N=rng.choice(NAMES), P=rng.choice(PLACES))
 
 
 @torch.no_grad()

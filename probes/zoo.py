@@ -25,7 +25,8 @@ checkpoints, each with the running-mean train loss and the loss on a fixed held-
 - ``micro``: four 2 × 32 models trained for a few steps on a slice of the corpus, for tests.
 - ``ioi``: one GELU GPT-2 (3 × 128, 4 heads) for circuit work, 3000 steps of 16 × 128 tokens
   on a corpus that is 90% (by characters) documents of the registered data mixer ``ioi``
-  (IOI sentences answered on train names only, from ``sparsescope.analysis.tasks``) and 10%
+  (IOI sentences answered on train names and stand-in names, never on test names, from
+  ``sparsescope.analysis.tasks``) and 10%
   stdlib-docs; its tokenizer is trained on that corpus, so names are single tokens. The
   mixer's metrics function adds held-out IOI accuracy and logit differences to every
   checkpoint row.
@@ -121,6 +122,7 @@ class Preset:
     seed: int = 0
     mix: str | None = None  # a registered data mixer whose documents join the corpus
     mix_share: float = 0.0  # the mixer's share of the training characters
+    mix_version: int = 1  # bump when the mixer's documents change (retrains the models)
 
 
 PRESETS = {
@@ -171,6 +173,7 @@ PRESETS = {
         n_checkpoints=6,
         mix="ioi",
         mix_share=0.9,
+        mix_version=2,  # 2: IOI sentences mostly on stand-in names, no unanswered frames
     ),
 }
 
@@ -222,7 +225,7 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
 def _key(p: Preset, spec: ModelSpec) -> str:
     recipe = {k: v for k, v in asdict(p).items() if k not in ("name", "models")}
     if p.mix is None:  # presets without a mixer keep the keys they had before mixing existed
-        del recipe["mix"], recipe["mix_share"]
+        del recipe["mix"], recipe["mix_share"], recipe["mix_version"]
     config = {**recipe, "model": asdict(spec), "code": CODE_VERSION}
     config["python"] = platform.python_version()  # the corpus is this Python's stdlib
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

@@ -26,7 +26,7 @@ def circuits_store(tmp_path_factory):
     """A store with one circuits run of a random 2-layer GELU GPT-2 on 8 IOI prompt pairs."""
     root = tmp_path_factory.mktemp("circuits")
     docs = list(itertools.islice(tasks.ioi_training_docs(0), 4000))
-    tokenizer = train_tokenizer(docs, 1024, 64)
+    tokenizer = train_tokenizer(docs, 2048, 64)
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=64,

@@ -18,7 +18,7 @@ from sparsescope.probes.tokenizer import train_tokenizer
 @pytest.fixture(scope="module")
 def tokenizer():
     docs = list(itertools.islice(tasks.ioi_training_docs(0), 4000))
-    return train_tokenizer(docs, 1024, 64)
+    return train_tokenizer(docs, 2048, 64)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +100,15 @@ def test_ioi_task_data(tokenizer):
 
 
 def test_training_docs_answer_ioi_on_train_names_only():
-    test = set(tasks.split_names("test"))
+    test, stand_ins = set(tasks.split_names("test")), set(tasks.stand_in_names())
     docs = list(itertools.islice(tasks.ioi_training_docs(1), 3000))
-    frames = [d for d in docs if d.endswith(" to them.")]
-    answered = [d for d in docs if " to " in d and not d.endswith(" to them.")]
-    assert frames and answered and len(frames) + len(answered) < len(docs)  # and copy sentences
-    assert not {d.rsplit(" ", 1)[1].rstrip(".") for d in answered} & test
-    assert {w.strip(",") for d in frames for w in d.split()} & test  # test names are seen
+    answered = [d for d in docs if " to " in d]
+    copies = [d for d in docs if d.endswith(" left.")]
+    assert answered and copies and len(answered) + len(copies) == len(docs)
+    answers = {d.rsplit(" ", 1)[1].rstrip(".") for d in answered}
+    assert answers & stand_ins and answers & set(tasks.split_names("train"))
+    assert not answers & test and not stand_ins & set(tasks.NAMES)
+    assert {d.split()[0] for d in copies} & test  # test names are seen, as names
 
 
 def test_normalized_ld_matches_plain_torch(task):
