@@ -7,7 +7,8 @@ orders alternate; the corrupted prompt keeps template, place and object and take
 fresh names (ABC). All prompts of a task share one template, so positions align across
 prompts; the tokenizer's BOS token (the zoo's document separator) leads each prompt. Names
 are split once, by a fixed seed, into disjoint train and test sets: the zoo's ``ioi`` preset
-trains on train names only, and the task is scored on test names.
+answers IOI sentences on train names (and stand-in names) only, and the task is scored on
+test names.
 
 Other tasks plug in the same way: a builder ``(tokenizer, n, split, seed) -> Task`` in
 ``TASKS``.
