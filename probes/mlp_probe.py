@@ -20,6 +20,7 @@ from sparsescope.probes.activity import code64, firing, pack_codes
 
 TOP_K = 20
 BLOCK = 8  # tokens per block of the top-k candidate search
+SLICE_ROWS = 64 * BLOCK  # tokens per slice of a batch's statistics (< 2^16: uint16 counts)
 _POS_BITS = 24  # key = seq_id << 24 | pos identifies a token of the run
 
 
@@ -40,16 +41,14 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_threads(), thread_name_prefix="mlp-probe")
 
 
-def _parts(n: int, unit: int, max_size: int) -> list[slice]:
-    """``range(n)`` in one slice per thread (more if a slice would pass ``max_size``),
-    each a multiple of ``unit`` long but the last."""
-    count = max(_threads(), -(-n // max_size))
-    step = -(-n // count // unit) * unit or unit
-    return [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
+def _row_slices(n: int) -> list[slice]:
+    """``range(n)`` in slices of ``SLICE_ROWS``: a fixed size, so that the float32 partial
+    sums, and hence the stored statistics, do not depend on the thread count."""
+    return [slice(lo, min(lo + SLICE_ROWS, n)) for lo in range(0, n, SLICE_ROWS)]
 
 
 def _row_stats(values: np.ndarray, gate: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Per-token rows and per-neuron partial sums of a slice of tokens (< 2^16 of them)."""
+    """Per-token rows and per-neuron partial sums of a slice of tokens."""
     fires = firing(values, gate).view(np.uint8)
     absval = np.abs(values)
     n_blocks = len(values) // BLOCK
@@ -119,7 +118,7 @@ class MlpProbe:
 
     def _observe(self, layer: int, values: np.ndarray, gate: np.ndarray | None) -> None:
         """One layer of one batch: token rows and statistics, row slices in parallel."""
-        slices = _parts(len(values), BLOCK, 1 << 15)
+        slices = _row_slices(len(values))
         parts = list(
             _pool().map(lambda r: _row_stats(values[r], None if gate is None else gate[r]), slices)
         )
@@ -174,8 +173,8 @@ class MlpProbe:
         col_max = np.concatenate([block_max, tail]).max(0)
         self.max[layer] = np.maximum(self.max[layer], col_max)
         cols = np.flatnonzero(col_max > self.top_val[layer, -1])
-        merge = lambda c: self._merge_top(layer, values, block_max, cols[c])  # noqa: E731
-        list(_pool().map(merge, _parts(cols.size, 1, cols.size or 1)))
+        merge = lambda c: self._merge_top(layer, values, block_max, c)  # noqa: E731
+        list(_pool().map(merge, [c for c in np.array_split(cols, _threads()) if c.size]))
 
     def _merge_top(self, layer: int, values: np.ndarray, block_max: np.ndarray, cols) -> None:
         n, d = values.shape
