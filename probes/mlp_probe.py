@@ -124,8 +124,8 @@ class MlpProbe:
         )
         stats = {name: [p[name] for p in parts] for name in parts[0]}
         self.n_active[layer] += sum(stats["fired"], np.zeros(self.d_mlp, np.int64))
-        self.sum[layer] += sum(stats["sum"])
-        self.sum_sq[layer] += sum(stats["sum_sq"])
+        self.sum[layer] += sum(stats["sum"], np.zeros(self.d_mlp))  # slices added in float64
+        self.sum_sq[layer] += sum(stats["sum_sq"], np.zeros(self.d_mlp))
         n_active = np.concatenate(stats["n_active"])
         packed = np.concatenate(stats["packed"])
         self._update_top(layer, values, np.concatenate(stats["block_max"]))
