@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 import pyarrow as pa
@@ -173,7 +173,7 @@ class MlpProbe:
         col_max = np.concatenate([block_max, tail]).max(0)
         self.max[layer] = np.maximum(self.max[layer], col_max)
         cols = np.flatnonzero(col_max > self.top_val[layer, -1])
-        merge = lambda c: self._merge_top(layer, values, block_max, c)  # noqa: E731
+        merge = partial(self._merge_top, layer, values, block_max)
         list(_pool().map(merge, [c for c in np.array_split(cols, _threads()) if c.size]))
 
     def _merge_top(self, layer: int, values: np.ndarray, block_max: np.ndarray, cols) -> None:

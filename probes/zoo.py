@@ -26,10 +26,9 @@ checkpoints, each with the running-mean train loss and the loss on a fixed held-
 - ``ioi``: one GELU GPT-2 (3 × 128, 4 heads) for circuit work, 3000 steps of 16 × 128 tokens
   on a corpus that is 90% (by characters) documents of the registered data mixer ``ioi``
   (IOI sentences answered on train names and stand-in names, never on test names, from
-  ``sparsescope.analysis.tasks``) and 10%
-  stdlib-docs; its tokenizer is trained on that corpus, so names are single tokens. The
-  mixer's metrics function adds held-out IOI accuracy and logit differences to every
-  checkpoint row.
+  ``sparsescope.analysis.tasks``) and 10% stdlib-docs; its tokenizer is trained on that
+  corpus, so names are single tokens. The mixer's metrics function adds held-out IOI
+  accuracy and logit differences to every checkpoint row.
 
 Data mixers are registered by the layer that owns the task data (``register_mixer``), so
 the zoo never imports ``analysis``; a preset without a mixer keeps its original cache key.
