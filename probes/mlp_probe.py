@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache, partial
+from functools import cache
 
 import numpy as np
 import pyarrow as pa
@@ -31,14 +31,9 @@ def hook_names(layer: int, gated: bool) -> tuple[str, str | None]:
 
 
 @cache
-def _threads() -> int:
-    """Threads for the statistics: as many as torch uses (numpy releases the GIL)."""
-    return max(1, torch.get_num_threads())
-
-
-@cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_threads(), thread_name_prefix="mlp-probe")
+    """Threads for the statistics: as many as torch uses (numpy releases the GIL)."""
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="mlp-probe")
 
 
 def _row_slices(n: int) -> list[slice]:
@@ -50,13 +45,14 @@ def _row_slices(n: int) -> list[slice]:
 def _row_stats(values: np.ndarray, gate: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per-token rows and per-neuron partial sums of a slice of tokens."""
     fires = firing(values, gate).view(np.uint8)
+    packed = pack_codes(fires)
     absval = np.abs(values)
     n_blocks = len(values) // BLOCK
     return {
-        "n_active": fires.sum(1, dtype=np.int32),
+        "n_active": np.bitwise_count(packed).sum(1, dtype=np.int32),
         "l1": absval.sum(1),
         "max_abs": absval.max(1),
-        "packed": pack_codes(fires),
+        "packed": packed,
         "fired": fires.sum(0, dtype=np.uint16),
         "sum": values.sum(0),
         "sum_sq": np.einsum("ij,ij->j", values, values),
@@ -163,38 +159,66 @@ class MlpProbe:
     def _update_top(self, layer: int, values: np.ndarray, block_max: np.ndarray) -> None:
         """Merge a batch into the per-neuron top-k (value, token key) lists and the maxima.
 
-        A neuron's k best tokens of the batch lie in the k blocks (of ``BLOCK`` consecutive
-        tokens) with the highest block maxima (``block_max``), plus the tokens after the
-        last full block; and only neurons whose batch maximum beats their current k-th best
-        can change. So only k·BLOCK candidate rows of those columns are ranked, in column
-        slices in parallel.
+        A token can enter a neuron's list only if it beats the list's k-th best (``old``),
+        so only blocks (of ``BLOCK`` tokens) whose maximum beats it hold candidates. Where k
+        or more blocks do ("busy" neurons, early in a run), the batch's k-th largest block
+        maximum is a higher bound (k blocks hold k values that large): there the candidates
+        are the tokens at least that large, in the blocks that reach it; of the blocks that
+        only tie it, the first k suffice (ties go to the earlier token, as in a stable sort).
         """
-        tail = values[len(block_max) * BLOCK :]
-        col_max = np.concatenate([block_max, tail]).max(0)
+        n_full, k = len(block_max) * BLOCK, self.top_k
+        tail = values[n_full:]
+        col_max = block_max.max(0) if len(tail) == 0 else np.vstack([block_max, tail]).max(0)
         self.max[layer] = np.maximum(self.max[layer], col_max)
-        cols = np.flatnonzero(col_max > self.top_val[layer, -1])
-        merge = partial(self._merge_top, layer, values, block_max)
-        list(_pool().map(merge, [c for c in np.array_split(cols, _threads()) if c.size]))
+        old = self.top_val[layer, -1]
+        above = block_max > old
+        is_busy = np.count_nonzero(above, axis=0) >= k
+        blocks, cols = np.nonzero(above & ~is_busy)
+        busy = np.flatnonzero(is_busy)
+        bound, tie_ok = old.copy(), np.zeros(len(old), dtype=bool)
+        if busy.size:
+            sub = block_max[:, busy]
+            bound[busy] = np.partition(np.ascontiguousarray(sub.T), -k, axis=1)[:, -k]
+            tie_ok[busy] = True
+            tie = sub == bound[busy]
+            if (np.count_nonzero(tie, axis=0) > k).any():  # rare: say, a ReLU neuron's zeros
+                tie &= np.cumsum(tie, axis=0, dtype=np.int32) <= k
+            busy_blocks, busy_cols = np.nonzero((sub > bound[busy]) | tie)
+            blocks = np.concatenate([blocks, busy_blocks])
+            cols = np.concatenate([cols, busy[busy_cols]])
+        rows = (blocks[:, None] * BLOCK + np.arange(BLOCK)).ravel()
+        cols = np.repeat(cols, BLOCK)
+        tail_rows, tail_cols = np.nonzero(tail >= bound)
+        rows = np.concatenate([rows, tail_rows + n_full])
+        cols = np.concatenate([cols, tail_cols])
+        vals = values.ravel()[rows * values.shape[1] + cols]
+        keep = (vals > bound[cols]) | ((vals == bound[cols]) & tie_ok[cols])
+        if keep.any():
+            self._merge_top(layer, rows[keep], cols[keep], vals[keep])
 
-    def _merge_top(self, layer: int, values: np.ndarray, block_max: np.ndarray, cols) -> None:
-        n, d = values.shape
-        k, n_blocks = self.top_k, len(block_max)
-        top_val, top_key = self.top_val[layer], self.top_key[layer]
-        tail = np.arange(n_blocks * BLOCK, n)
-        # rank along the last axis, one row per neuron: numpy partitions that axis fastest
-        if n_blocks > k:
-            blocks = np.argpartition(-block_max[:, cols].T, k - 1, axis=1)[:, :k]
-            rows = (blocks[:, :, None] * BLOCK + np.arange(BLOCK)).reshape(cols.size, -1)
-            rows = np.concatenate([rows, np.broadcast_to(tail, (cols.size, tail.size))], axis=1)
-        else:
-            rows = np.broadcast_to(np.arange(n), (cols.size, n))
-        cand_val = np.concatenate([top_val[:, cols].T, values.ravel()[rows * d + cols[:, None]]], 1)
-        cand_key = np.concatenate([top_key[:, cols].T, self._keys[rows]], 1)
-        best = np.argpartition(-cand_val, k - 1, axis=1)[:, :k]
-        best_val = np.take_along_axis(cand_val, best, 1)
-        order = np.take_along_axis(best, np.argsort(-best_val, axis=1, kind="stable"), 1)
-        top_val[:, cols] = np.take_along_axis(cand_val, order, 1).T
-        top_key[:, cols] = np.take_along_axis(cand_key, order, 1).T
+    def _merge_top(self, layer: int, rows, cols, vals) -> None:
+        """Rank candidate tokens with the old lists of their neurons; keep each one's k best.
+
+        Two stable sorts, by value then by neuron; equal values keep their order here, which
+        is token order: the old lists (earlier tokens, ranked) first, then the candidates.
+        Empty slots of the old lists (value -inf) stay out and stay empty.
+        """
+        k, top_val, top_key = self.top_k, self.top_val[layer], self.top_key[layer]
+        touched = np.unique(cols)
+        old_val = top_val[:, touched].ravel()
+        filled = old_val > -np.inf
+        col = np.concatenate([np.tile(touched, k)[filled], cols])
+        val = np.concatenate([old_val[filled], vals])
+        key = np.concatenate([top_key[:, touched].ravel()[filled], self._keys[rows]])
+        order = np.argsort(-val, kind="stable")
+        by_col = col[order].astype(np.min_scalar_type(self.d_mlp))  # small ints: radix sort
+        order = order[np.argsort(by_col, kind="stable")]
+        col = col[order]
+        first = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+        rank = np.arange(len(col)) - np.repeat(first, np.diff(np.r_[first, len(col)]))
+        kept = rank < k
+        top_val[rank[kept], col[kept]] = val[order[kept]]
+        top_key[rank[kept], col[kept]] = key[order[kept]]
 
     def take_rows(self) -> dict[str, list[pa.RecordBatch]]:
         """The per-token rows gathered since the last call."""
