@@ -6,9 +6,9 @@ gave a drink to" → " Mary") use single-token names, places and objects; ABBA a
 orders alternate; the corrupted prompt keeps template, place and object and takes three
 fresh names (ABC). All prompts of a task share one template, so positions align across
 prompts; the tokenizer's BOS token (the zoo's document separator) leads each prompt. Names
-are split once, by a fixed seed, into disjoint train and test sets: the zoo's ``ioi`` preset
-answers IOI sentences on train names (and stand-in names) only, and the task is scored on
-test names.
+are split once, by a fixed seed, into disjoint train, validation and test sets: the zoo's
+``ioi`` preset answers IOI sentences on train names (and stand-in names) only, picks its
+final checkpoint by accuracy on validation names, and the task is scored on test names.
 
 Other tasks plug in the same way: a builder ``(tokenizer, n, split, seed) -> Task`` in
 ``TASKS``.
@@ -47,8 +47,12 @@ TEMPLATES = (
     "When {A} and {B} got to the {P}, {C} handed a {O} to",
     "While {A} and {B} were at the {P}, {C} gave a {O} to",
 )
-COPY_TEMPLATE = "{N} was at the {P}, and then {N} left."
+COPY_TEMPLATES = (  # {N} is one of the names before it
+    "{N} was at the {P}, and then {N} left.",
+    "{A} met {B} at the {P}, and then {N} left.",
+)
 TEST_SHARE = 0.25
+N_VAL = 20  # validation names: like test names, never an IOI answer in training
 STAND_IN_SHARE = 0.75  # of the answered IOI training sentences
 _SPLIT_SEED = 1234
 
@@ -87,13 +91,14 @@ def normalized_ld(ld: torch.Tensor, ld_clean: float, ld_corr: float) -> torch.Te
 
 
 def split_names(split: str) -> list[str]:
-    """The train or test names (disjoint, fixed by a seed; before any tokenizer filter)."""
-    if split not in ("train", "test"):
-        raise TaskError(f"unknown name split {split!r}: use train or test")
+    """The train, val or test names (disjoint, fixed by a seed; before any tokenizer filter)."""
     names = sorted(NAMES)
     random.Random(_SPLIT_SEED).shuffle(names)
     n_test = round(TEST_SHARE * len(names))
-    return names[:n_test] if split == "test" else names[n_test:]
+    splits = {"test": names[:n_test], "train": names[n_test:-N_VAL], "val": names[-N_VAL:]}
+    if split not in splits:
+        raise TaskError(f"unknown name split {split!r}: use train, val or test")
+    return splits[split]
 
 
 def single_tokens(tokenizer, words: list[str]) -> list[str]:
@@ -168,7 +173,7 @@ def stand_in_names(n: int = 600) -> tuple[str, ...]:
     counts = collections.Counter(
         w for doc in stdlib_docs("train") for w in re.findall(r"\b[a-z]{4,8}\b", doc)
     )
-    taken = " ".join([*NAMES, *PLACES, *OBJECTS, *TEMPLATES, COPY_TEMPLATE]).lower()
+    taken = " ".join([*NAMES, *PLACES, *OBJECTS, *TEMPLATES, *COPY_TEMPLATES]).lower()
     skip = set(re.findall(r"[a-z]+", taken))
     return tuple(w.capitalize() for w, _ in counts.most_common() if w not in skip)[:n]
 
@@ -179,10 +184,11 @@ def ioi_training_docs(seed: int) -> Iterator[str]:
     70% are complete IOI sentences (every template): a quarter on train names, three
     quarters on stand-in names (capitalised frequent words of the corpus, 600 of them),
     which no model can learn name by name, so it learns IOI as an operation on whatever
-    tokens fill the name slots. The other 30% copy a name, any name, test names included
-    ("Nora was at the park, and then Nora left."), so the model knows test names as names
-    (pretrained models know names the same way), while no test name ever answers an IOI
-    sentence.
+    tokens fill the name slots. The other 30% copy a name, any name, test names included,
+    from one name ("Nora was at the park, and then Nora left.") or from two, either of them
+    ("Nora met Ivan at the park, and then Ivan left."), so the model knows test and
+    validation names as names that can be copied from the context (pretrained models know
+    names the same way), while none of them ever answers an IOI sentence.
     """
     rng = random.Random(seed)
     train, stand_ins = split_names("train"), list(stand_in_names())
@@ -193,30 +199,37 @@ def ioi_training_docs(seed: int) -> Iterator[str]:
             text, io, _ = ioi_prompt(rng, names, rng.choice(TEMPLATES))
             yield f"{text} {io}."
         else:
-            yield COPY_TEMPLATE.format(N=rng.choice(NAMES), P=rng.choice(PLACES))
+            a, b = rng.sample(NAMES, 2)
+            template = rng.choice(COPY_TEMPLATES)
+            yield template.format(A=a, B=b, N=rng.choice((a, b)), P=rng.choice(PLACES))
 
 
-@torch.no_grad()
-def ioi_metrics(model, tokenizer, n: int = 64) -> dict:
-    """Held-out (test-name) IOI accuracy (logit(IO) > logit(S)) and mean clean/corrupted LD.
-
-    ``model`` is a Hugging Face causal LM; every template that tokenizes evenly counts.
-    """
+def _ioi_lds(model, tokenizer, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Clean and corrupted LDs on ``split`` names, ``n`` prompts of every template that
+    tokenizes evenly; None if none does."""
     lds, ld_corr = [], []
     for template in range(len(TEMPLATES)):
         try:
-            task = ioi_task(tokenizer, n=n, split="test", seed=100 + template, template=template)
+            task = ioi_task(tokenizer, n=n, split=split, seed=100 + template, template=template)
         except TaskError:
             continue
         lds.append(task.logit_diff(model(input_ids=task.clean).logits))
         ld_corr.append(task.logit_diff(model(input_ids=task.corrupted).logits))
-    if not lds:
+    return (torch.cat(lds), torch.cat(ld_corr)) if lds else None
+
+
+@torch.no_grad()
+def ioi_metrics(model, tokenizer, n: int = 64) -> dict:
+    """Held-out IOI accuracy (logit(IO) > logit(S)) on test and on validation names, and the
+    mean clean/corrupted LD on test names. ``model`` is a Hugging Face causal LM."""
+    test, val = _ioi_lds(model, tokenizer, "test", n), _ioi_lds(model, tokenizer, "val", n)
+    if test is None or val is None:
         return {}
-    ld, corr = torch.cat(lds), torch.cat(ld_corr)
     return {
-        "ioi_acc": float((ld > 0).float().mean()),
-        "ioi_ld_clean": float(ld.mean()),
-        "ioi_ld_corr": float(corr.mean()),
+        "ioi_acc": float((test[0] > 0).float().mean()),
+        "ioi_val_acc": float((val[0] > 0).float().mean()),
+        "ioi_ld_clean": float(test[0].mean()),
+        "ioi_ld_corr": float(test[1].mean()),
     }
 
 

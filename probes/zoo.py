@@ -28,7 +28,9 @@ checkpoints, each with the running-mean train loss and the loss on a fixed held-
   (IOI sentences answered on train names and stand-in names, never on test names, from
   ``sparsescope.analysis.tasks``) and 10% stdlib-docs; its tokenizer is trained on that
   corpus, so names are single tokens. The mixer's metrics function adds held-out IOI
-  accuracy and logit differences to every checkpoint row.
+  accuracy and logit differences to every checkpoint row. From step 1000 on, it measures
+  IOI accuracy on validation names every 250 steps and keeps only the best of those steps
+  as the final checkpoint (early stopping: held-out accuracy peaks before the last step).
 
 Data mixers are registered by the layer that owns the task data (``register_mixer``), so
 the zoo never imports ``analysis``; a preset without a mixer keeps its original cache key.
@@ -122,6 +124,9 @@ class Preset:
     mix: str | None = None  # a registered data mixer whose documents join the corpus
     mix_share: float = 0.0  # the mixer's share of the training characters
     mix_version: int = 1  # bump when the mixer's documents change (retrains the models)
+    select: str | None = None  # a mixer metric: the final checkpoint is where it peaked
+    select_every: int = 0  # steps between evaluations of ``select``, from ``select_from``
+    select_from: int = 0
 
 
 PRESETS = {
@@ -172,7 +177,10 @@ PRESETS = {
         n_checkpoints=6,
         mix="ioi",
         mix_share=0.9,
-        mix_version=2,  # 2: IOI sentences mostly on stand-in names, no unanswered frames
+        mix_version=3,  # 2: IOI mostly on stand-in names, no unanswered frames; 3: val names
+        select="ioi_val_acc",
+        select_every=250,
+        select_from=1000,
     ),
 }
 
@@ -224,7 +232,8 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
 def _key(p: Preset, spec: ModelSpec) -> str:
     recipe = {k: v for k, v in asdict(p).items() if k not in ("name", "models")}
     if p.mix is None:  # presets without a mixer keep the keys they had before mixing existed
-        del recipe["mix"], recipe["mix_share"], recipe["mix_version"]
+        for field in ("mix", "mix_share", "mix_version", "select", "select_every", "select_from"):
+            del recipe[field]
     config = {**recipe, "model": asdict(spec), "code": CODE_VERSION}
     config["python"] = platform.python_version()  # the corpus is this Python's stdlib
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -368,36 +377,44 @@ def _train_model(p: Preset, spec: ModelSpec, data: _Data, out: Path, progress: P
     opt = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(p, s))
     checkpoints = set(checkpoint_steps(p.steps, p.n_checkpoints))
+    selecting = set(range(p.select_from, p.steps + 1, p.select_every)) if p.select else set()
+    checkpoints -= {s for s in checkpoints if selecting and s >= p.select_from}
     mixer = _mixer(p)
     batches = _batches(data.train, p.batch_size, p.seed)
     base = {"name": spec.name, "preset": p.name, "family": spec.family, **asdict(spec)}
     base |= {"n_ctx": p.seq_len, "n_params": model.num_parameters()}
     task = progress.add_task(spec.name, total=p.steps, info="")
-    rows, losses = [], []
+    rows, losses, best = [], [], None
     for step in range(p.steps + 1):
         x = next(batches)
         loss = model(input_ids=x, labels=x).loss
         losses.append(loss.item())
-        if step in checkpoints:
-            val_loss = _val_loss(model, data.val, p.batch_size)
-            rows.append(
-                base
-                | {
-                    "step": step,
-                    "tokens_seen": step * p.batch_size * p.seq_len,
-                    "train_loss": sum(losses) / len(losses),
-                    "val_loss": val_loss,
-                    "path": f"{spec.name}/step-{step}",
-                }
-            )
+        if step in checkpoints or step in selecting:
+            row = base | {
+                "step": step,
+                "tokens_seen": step * p.batch_size * p.seq_len,
+                "train_loss": sum(losses) / len(losses),
+                "val_loss": _val_loss(model, data.val, p.batch_size),
+                "path": f"{spec.name}/step-{step}",
+            }
             if mixer is not None and mixer.metrics is not None:
                 model.eval()
-                rows[-1] |= mixer.metrics(model, tok)
+                row |= mixer.metrics(model, tok)
                 model.train()
             losses = []
-            model.save_pretrained(tmp / f"step-{step}")
-            tok.save_pretrained(tmp / f"step-{step}")
-            progress.update(task, info=f"val loss {val_loss:.3f}")
+            improved = step in selecting and (best is None or row[p.select] > best[p.select])
+            if improved and best is not None:  # early stopping: only the best one stays
+                shutil.rmtree(tmp / f"step-{best['step']}")
+            best = row if improved else best
+            if step in checkpoints:
+                rows.append(row)
+            if improved or step in checkpoints:
+                model.save_pretrained(tmp / f"step-{step}")
+                tok.save_pretrained(tmp / f"step-{step}")
+            info = f"val loss {row['val_loss']:.3f}"
+            if best is not None:
+                info += f", best {p.select} {best[p.select]:.3f} (step {best['step']})"
+            progress.update(task, info=info)
         if step < p.steps:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -405,6 +422,7 @@ def _train_model(p: Preset, spec: ModelSpec, data: _Data, out: Path, progress: P
             sched.step()
             opt.zero_grad(set_to_none=True)
             progress.advance(task)
+    rows += [best] if best else []
     meta = {"key": _key(p, spec), "checkpoints": rows}
     (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out / spec.name, ignore_errors=True)

@@ -77,8 +77,9 @@ def _ld(task, logits):
 
 
 def test_ioi_task_data(tokenizer):
-    train, test = tasks.split_names("train"), tasks.split_names("test")
-    assert not set(train) & set(test) and len(test) > 10
+    train, val, test = (tasks.split_names(s) for s in ("train", "val", "test"))
+    assert len({*train, *val, *test}) == len(train + val + test) == len(tasks.NAMES)
+    assert len(test) > 10 and len(val) > 10
     assert tasks.single_tokens(tokenizer, train + test) == train + test
     task = tasks.ioi_task(tokenizer, n=8, seed=5)
     again = tasks.ioi_task(tokenizer, n=8, seed=5)
@@ -100,15 +101,19 @@ def test_ioi_task_data(tokenizer):
 
 
 def test_training_docs_answer_ioi_on_train_names_only():
-    test, stand_ins = set(tasks.split_names("test")), set(tasks.stand_in_names())
+    held_out = set(tasks.split_names("test") + tasks.split_names("val"))
+    stand_ins = set(tasks.stand_in_names())
     docs = list(itertools.islice(tasks.ioi_training_docs(1), 3000))
     answered = [d for d in docs if " to " in d]
     copies = [d for d in docs if d.endswith(" left.")]
     assert answered and copies and len(answered) + len(copies) == len(docs)
     answers = {d.rsplit(" ", 1)[1].rstrip(".") for d in answered}
     assert answers & stand_ins and answers & set(tasks.split_names("train"))
-    assert not answers & test and not stand_ins & set(tasks.NAMES)
-    assert {d.split()[0] for d in copies} & test  # test names are seen, as names
+    assert not answers & held_out and not stand_ins & set(tasks.NAMES)
+    assert {d.split()[0] for d in copies} >= held_out  # held-out names are seen, as names
+    for doc in copies:  # the copied name is one of the one or two names before it
+        words = doc.split()
+        assert words[-2] in {words[0], words[2]} and {words[0], words[2]} & set(tasks.NAMES)
 
 
 def test_normalized_ld_matches_plain_torch(task):

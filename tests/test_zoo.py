@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from itertools import repeat
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,16 @@ from typer.testing import CliRunner
 from sparsescope.app.zoo_cli import zoo_app
 from sparsescope.probes.data import stdlib_docs
 from sparsescope.probes.tokenizer import EOT, train_tokenizer
-from sparsescope.probes.zoo import ACT_FNS, PRESETS, ZooError, list_zoo, resolve, train_zoo
+from sparsescope.probes.zoo import (
+    ACT_FNS,
+    MIXERS,
+    PRESETS,
+    Mixer,
+    ZooError,
+    list_zoo,
+    resolve,
+    train_zoo,
+)
 
 MICRO = PRESETS["micro"]
 FIELDS = {"name", "act_fn", "n_layers", "d_model", "d_mlp", "n_params", "step", "tokens_seen"}
@@ -155,3 +166,19 @@ def test_cli_list(zoo):
     assert all(spec.name in result.output for spec in MICRO.models)
     result = runner.invoke(zoo_app, ["train", "--preset", "huge"])
     assert result.exit_code == 2 and "unknown zoo preset 'huge'" in result.output
+
+
+def test_early_stopping_keeps_only_the_best_selected_step(tmp_path, monkeypatch):
+    scores = iter([0.0, 0.0, 0.5, 0.9, 0.9])  # metrics calls at steps 0, 1, then 2, 4, 6
+    metrics = lambda model, tok: {"score": next(scores)}  # noqa: E731
+    monkeypatch.setitem(MIXERS, "scripted", Mixer(lambda seed: repeat("Ann met Bo."), metrics))
+    preset = dataclasses.replace(
+        MICRO, name="select", models=MICRO.models[:1], mix="scripted", mix_share=0.1,
+        select="score", select_every=2, select_from=2,
+    )  # fmt: skip
+    monkeypatch.setitem(PRESETS, "select", preset)
+    rows = train_zoo("select", out=tmp_path)
+    assert [row["step"] for row in rows] == [0, 1, 4]  # 4 is the first of the best, 2 and 6 lose
+    assert rows[-1]["score"] == 0.9
+    folder = tmp_path / MICRO.models[0].name
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-0", "step-1", "step-4"]
