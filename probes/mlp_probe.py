@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +31,14 @@ def hook_names(layer: int, gated: bool) -> tuple[str, str | None]:
 
 
 @cache
-def _pool() -> ThreadPoolExecutor:
+def _threads() -> int:
     """Threads for the statistics: as many as torch uses (numpy releases the GIL)."""
-    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="mlp-probe")
+    return max(1, torch.get_num_threads())
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_threads(), thread_name_prefix="mlp-probe")
 
 
 def _row_slices(n: int) -> list[slice]:
@@ -157,7 +162,17 @@ class MlpProbe:
         )
 
     def _update_top(self, layer: int, values: np.ndarray, block_max: np.ndarray) -> None:
-        """Merge a batch into the per-neuron top-k (value, token key) lists and the maxima.
+        """Merge a batch into the per-neuron top-k (value, token key) lists and the maxima;
+        ranges of neurons in parallel."""
+        tail = values[len(block_max) * BLOCK :]
+        col_max = block_max.max(0) if len(tail) == 0 else np.vstack([block_max, tail]).max(0)
+        self.max[layer] = np.maximum(self.max[layer], col_max)
+        edges = np.linspace(0, self.d_mlp, _threads() + 1).astype(int)
+        merge = partial(self._update_top_range, layer, values, block_max)
+        list(_pool().map(merge, edges[:-1], edges[1:]))
+
+    def _update_top_range(self, layer: int, values, block_max, lo: int, hi: int) -> None:
+        """The top-k update of neurons ``lo:hi``.
 
         A token can enter a neuron's list only if it beats the list's k-th best (``old``),
         so only blocks (of ``BLOCK`` tokens) whose maximum beats it hold candidates. Where k
@@ -167,10 +182,8 @@ class MlpProbe:
         only tie it, the first k suffice (ties go to the earlier token, as in a stable sort).
         """
         n_full, k = len(block_max) * BLOCK, self.top_k
-        tail = values[n_full:]
-        col_max = block_max.max(0) if len(tail) == 0 else np.vstack([block_max, tail]).max(0)
-        self.max[layer] = np.maximum(self.max[layer], col_max)
-        old = self.top_val[layer, -1]
+        block_max, tail = block_max[:, lo:hi], values[n_full:, lo:hi]
+        old = self.top_val[layer, -1, lo:hi]
         above = block_max > old
         is_busy = np.count_nonzero(above, axis=0) >= k
         blocks, cols = np.nonzero(above & ~is_busy)
@@ -191,10 +204,10 @@ class MlpProbe:
         tail_rows, tail_cols = np.nonzero(tail >= bound)
         rows = np.concatenate([rows, tail_rows + n_full])
         cols = np.concatenate([cols, tail_cols])
-        vals = values.ravel()[rows * values.shape[1] + cols]
+        vals = values.ravel()[rows * values.shape[1] + cols + lo]
         keep = (vals > bound[cols]) | ((vals == bound[cols]) & tie_ok[cols])
         if keep.any():
-            self._merge_top(layer, rows[keep], cols[keep], vals[keep])
+            self._merge_top(layer, rows[keep], cols[keep] + lo, vals[keep])
 
     def _merge_top(self, layer: int, rows, cols, vals) -> None:
         """Rank candidate tokens with the old lists of their neurons; keep each one's k best.
