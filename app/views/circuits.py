@@ -94,6 +94,7 @@ if faith:
     fig = px.line(curve, x="k", y="faithfulness", color="method", markers=True, log_x=True,
                   title="Faithfulness of the top-k circuit (other nodes mean-ablated)")  # fmt: skip
     fig.add_hline(y=1.0, line_dash="dash")
+    fig.update_xaxes(tickvals=sorted(curve["k"].unique()))  # the measured k, not log minors
     st.plotly_chart(fig, width="stretch")
 
 nodes = scores[scores["site"].isin(["attn_out", "mlp_out"])]
