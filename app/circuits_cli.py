@@ -20,7 +20,7 @@ def _load(model: str):
         try:
             zoo.resolve(model)
         except zoo.ZooError:
-            typer.echo("training the zoo's ioi model (about 10 minutes on two CPU cores)")
+            typer.echo("training the zoo's ioi model (about 12 minutes on two CPU cores)")
             zoo.train_zoo("ioi")
     return load_model(model)
 
