@@ -25,9 +25,9 @@ checkpoints, each with the running-mean train loss and the loss on a fixed held-
 - ``micro``: four 2 × 32 models trained for a few steps on a slice of the corpus, for tests.
 - ``ioi``: one GELU GPT-2 (3 × 128, 4 heads) for circuit work, 3000 steps of 16 × 128 tokens
   on a corpus that is 90% (by characters) documents of the registered data mixer ``ioi``
-  (IOI sentences answered on train names and stand-in names, never on test names, from
-  ``sparsescope.analysis.tasks``) and 10% stdlib-docs; its tokenizer is trained on that
-  corpus, so names are single tokens. The mixer's metrics function adds held-out IOI
+  (IOI sentences answered on train names and stand-in names, never on validation or test
+  names, from ``sparsescope.analysis.tasks``) and 10% stdlib-docs; its tokenizer is trained
+  on that corpus, so names are single tokens. The mixer's metrics function adds held-out IOI
   accuracy and logit differences to every checkpoint row. From step 1000 on, it measures
   IOI accuracy on validation names every 250 steps and keeps only the best of those steps
   as the final checkpoint (early stopping: held-out accuracy peaks before the last step).
@@ -402,6 +402,8 @@ def _train_model(p: Preset, spec: ModelSpec, data: _Data, out: Path, progress: P
                 row |= mixer.metrics(model, tok)
                 model.train()
             losses = []
+            if step in selecting and p.select not in row:
+                raise ZooError(f"zoo preset {p.name!r} selects by {p.select!r}, never measured")
             improved = step in selecting and (best is None or row[p.select] > best[p.select])
             if improved and best is not None:  # early stopping: only the best one stays
                 shutil.rmtree(tmp / f"step-{best['step']}")
