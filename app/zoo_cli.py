@@ -29,12 +29,18 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
+_ROW_FIELDS = {"name", "preset", "family", "act_fn", "n_layers", "d_model", "n_heads", "d_mlp"}
+_ROW_FIELDS |= {"n_ctx", "n_params", "step", "tokens_seen", "train_loss", "val_loss", "path"}
+
+
 def _table(rows: list[dict]) -> Table:
-    """One line per model: shape, size and its final checkpoint."""
-    table = Table("model", "act_fn", "layers", "d_model", "d_mlp", "params", "checkpoints")
-    for col in ("tokens seen", "train loss", "val loss"):
-        table.add_column(col, justify="right")
+    """One line per model: shape, size and its final checkpoint, with the metrics a data
+    mixer added to it (such as held-out IOI accuracy)."""
     final = {row["name"]: row for row in rows}
+    extras = sorted({k for row in final.values() for k in row} - _ROW_FIELDS)
+    table = Table("model", "act_fn", "layers", "d_model", "d_mlp", "params", "checkpoints")
+    for col in ("final step", "tokens seen", "train loss", "val loss", *extras):
+        table.add_column(col, justify="right")
     for name, row in final.items():
         n = sum(r["name"] == name for r in rows)
         table.add_row(
@@ -45,9 +51,11 @@ def _table(rows: list[dict]) -> Table:
             str(row["d_mlp"]),
             f"{row['n_params']:,}",
             str(n),
+            str(row["step"]),
             f"{row['tokens_seen']:,}",
             f"{row['train_loss']:.3f}",
             f"{row['val_loss']:.3f}",
+            *(f"{row[k]:.3f}" if k in row else "" for k in extras),
         )
     return table
 

@@ -182,3 +182,8 @@ def test_early_stopping_keeps_only_the_best_selected_step(tmp_path, monkeypatch)
     assert rows[-1]["score"] == 0.9
     folder = tmp_path / MICRO.models[0].name
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-0", "step-1", "step-4"]
+    args = ["list", "--preset", "select", "--out", str(tmp_path)]
+    table = CliRunner().invoke(zoo_app, args, env={"COLUMNS": "250"}).output
+    header, values = (line for line in table.splitlines() if "score" in line or "0.900" in line)
+    assert header.split("┃")[-2].strip() == "score" and values.split("│")[-2].strip() == "0.900"
+    assert values.split("│")[8].strip() == "4"  # the final (selected) step
