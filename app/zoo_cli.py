@@ -29,15 +29,13 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-_ROW_FIELDS = {"name", "preset", "family", "act_fn", "n_layers", "d_model", "n_heads", "d_mlp"}
-_ROW_FIELDS |= {"n_ctx", "n_params", "step", "tokens_seen", "train_loss", "val_loss", "path"}
-
-
 def _table(rows: list[dict]) -> Table:
     """One line per model: shape, size and its final checkpoint, with the metrics a data
     mixer added to it (such as held-out IOI accuracy)."""
+    from sparsescope.probes.zoo import mixer_metrics
+
     final = {row["name"]: row for row in rows}
-    extras = sorted({k for row in final.values() for k in row} - _ROW_FIELDS)
+    extras = sorted({k for row in final.values() for k in mixer_metrics(row)})
     table = Table("model", "act_fn", "layers", "d_model", "d_mlp", "params", "checkpoints")
     for col in ("final step", "tokens seen", "train loss", "val loss", *extras):
         table.add_column(col, justify="right")

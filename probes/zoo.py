@@ -53,7 +53,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -222,6 +222,15 @@ def default_zoo_dir(preset: str = "tiny") -> Path:
     """``$SPARSESCOPE_ZOO/<preset>``, by default ``~/.cache/sparsescope/zoo/<preset>``."""
     root = os.environ.get("SPARSESCOPE_ZOO") or Path.home() / ".cache" / "sparsescope" / "zoo"
     return Path(root) / preset
+
+
+ROW_FIELDS = {f.name for f in fields(ModelSpec)} | {"name", "preset", "family", "n_ctx", "n_params"}
+ROW_FIELDS |= {"step", "tokens_seen", "train_loss", "val_loss", "path"}  # of every checkpoint row
+
+
+def mixer_metrics(row: dict) -> dict:
+    """The metrics a data mixer added to a checkpoint row (such as held-out IOI accuracy)."""
+    return {k: v for k, v in row.items() if k not in ROW_FIELDS}
 
 
 def checkpoint_steps(steps: int, n: int) -> list[int]:
