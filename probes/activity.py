@@ -14,12 +14,18 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 
 
+def firing_source(post: Array, gate_pre: Array | None = None) -> Array:
+    """The array whose positive entries fire: the gate pre-activation of a gated MLP, else
+    the hidden activation itself."""
+    return gate_pre if gate_pre is not None else post
+
+
 def firing(post: Array, gate_pre: Array | None = None) -> Array:
     """``a_i > 0``; gated MLPs: ``σ(gate_i) > 0``, i.e. ``gate_i > 0`` for SiLU/GELU gates.
 
     Works on torch tensors and numpy arrays alike (bool result of the same kind).
     """
-    return (gate_pre if gate_pre is not None else post) > 0
+    return firing_source(post, gate_pre) > 0
 
 
 def pack_codes(fires: np.ndarray) -> np.ndarray:

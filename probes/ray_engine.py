@@ -84,12 +84,12 @@ def merge_states(states: list[dict]) -> dict:
             out[name] = sum(values[1:], values[0])
         elif name == "max":
             out[name] = np.maximum.reduce(values)
-    if "top_val" in states[0]:  # [L, K, D] each: concatenate along K, keep the K best
-        val = np.concatenate([s["top_val"] for s in states], axis=1)
-        key = np.concatenate([s["top_key"] for s in states], axis=1)
-        best = np.argsort(-val, axis=1, kind="stable")[:, : states[0]["top_val"].shape[1]]
-        out["top_val"] = np.take_along_axis(val, best, 1)
-        out["top_key"] = np.take_along_axis(key, best, 1)
+    if "top_val" in states[0]:  # [L, D, K] each: concatenate along K, keep the K best
+        val = np.concatenate([s["top_val"] for s in states], axis=2)
+        key = np.concatenate([s["top_key"] for s in states], axis=2)
+        best = np.argsort(-val, axis=2, kind="stable")[..., : states[0]["top_val"].shape[2]]
+        out["top_val"] = np.take_along_axis(val, best, 2)
+        out["top_key"] = np.take_along_axis(key, best, 2)
     return out
 
 
@@ -212,7 +212,7 @@ def _adopt(writer: RunWriter, shard_root: Path, results: list) -> int:
 def _merged_probes(config: ProbeConfig, results: list) -> list:
     """Driver-side probes holding the merged statistics of all shards."""
     states = [merge_states([r["states"][i] for r in results]) for i in range(len(config.saes) + 1)]
-    n_layers, top_k, d_mlp = states[0]["top_val"].shape
+    n_layers, d_mlp, top_k = states[0]["top_val"].shape
     probes = [MlpProbe(n_layers, d_mlp, False, top_k)]
     probes += [SaeProbe(load_sae(path), sae_id_of(path)) for path in config.saes]
     for probe, state in zip(probes, states, strict=True):

@@ -32,6 +32,17 @@ def test_n_active_equals_independent_count_of_gelu_output_above_zero(independent
         assert mismatch.max() <= 1
 
 
+def test_l1_and_max_abs_equal_independent(independent):
+    reader, _, acts = independent
+    stats = reader.sql(
+        "SELECT layer, l1, max_abs FROM layer_token_stats ORDER BY layer, seq_id, pos"
+    )
+    for layer, a in acts.items():
+        part = stats[stats["layer"] == layer]
+        np.testing.assert_allclose(part["l1"], np.abs(a).sum(1), rtol=1e-4)
+        np.testing.assert_allclose(part["max_abs"], np.abs(a).max(1), rtol=1e-4, atol=1e-5)
+
+
 def test_neuron_stats_equal_independent_sums(independent):
     reader, _, acts = independent
     df = reader.sql("SELECT * FROM neuron_stats ORDER BY layer, neuron")

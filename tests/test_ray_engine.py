@@ -114,14 +114,14 @@ def test_merge_matches_numpy_over_the_whole_data():
 
     def state(lo: int, hi: int) -> dict:
         v = values[:, lo:hi]
-        order = np.argsort(-v, axis=1)[:, :k]
+        order = np.argsort(-v, axis=1)[:, :k].transpose(0, 2, 1)  # [layer, neuron, rank]
         return {
             "n_tokens": hi - lo,
             "n_active": (v > 0).sum(1),
             "sum": v.sum(1, dtype=np.float64),
             "sum_sq": (v.astype(np.float64) ** 2).sum(1),
             "max": v.max(1),
-            "top_val": np.take_along_axis(v, order, 1),
+            "top_val": np.take_along_axis(v.transpose(0, 2, 1), order, 2),
             "top_key": keys[lo:hi][order],
         }
 
