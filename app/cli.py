@@ -283,12 +283,17 @@ def bench_probe_cmd(
     tokens: int = typer.Option(32_768, "--tokens", min=1),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=2),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Interleaved runs; best of each."),
 ):
     """Probe throughput (all probes, writing a store) / bare HF forward throughput."""
     from sparsescope.probes.bench import bench_probe
     from sparsescope.probes.job import ProbeConfig
 
-    r = bench_probe(model, data, tokens, ProbeConfig(batch_size=batch_size, seq_len=seq_len))
+    def report(i: int, bare_s: float, probe_s: float) -> None:
+        typer.echo(f"run {i}/{repeats}: bare {bare_s:.2f} s, probe {probe_s:.2f} s")
+
+    config = ProbeConfig(batch_size=batch_size, seq_len=seq_len)
+    r = bench_probe(model, data, tokens, config, repeats, report)
     typer.echo(f"{r['model']}: {r['tokens']} tokens, batches of {r['batch_size']} x {r['seq_len']}")
     typer.echo(f"bare HF forward : {r['bare_tok_s']:9.0f} tokens/s")
     typer.echo(f"probe (all, store): {r['probe_tok_s']:7.0f} tokens/s")

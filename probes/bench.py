@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,9 +37,11 @@ def bench_probe(
     data: str = "stdlib-docs",
     tokens: int = 32_768,
     config: ProbeConfig | None = None,
-    repeats: int = 3,
+    repeats: int = 5,
+    report: Callable[[int, float, float], None] | None = None,
 ) -> dict:
-    """Return tokens/s of both sides and their ratio (best of ``repeats`` each)."""
+    """Return tokens/s of both sides and their ratio (best of ``repeats`` each, interleaved;
+    ``report(i, bare_s, probe_s)`` after each repeat), and every repeat's seconds."""
     config = config or ProbeConfig(max_tokens=tokens)
     config.max_tokens = tokens
     model = load_model(model_spec, config.device)
@@ -55,6 +58,8 @@ def bench_probe(
             start = time.perf_counter()
             probe_model(model, data, Path(tmp) / "store", config, quiet=True)
             probe_times.append(time.perf_counter() - start)
+        if report:
+            report(len(bare_times), bare_times[-1], probe_times[-1])
     bare, probe = min(bare_times), min(probe_times)
     return {
         "model": model_spec,
@@ -64,4 +69,6 @@ def bench_probe(
         "bare_tok_s": n / bare,
         "probe_tok_s": n / probe,
         "ratio": bare / probe,
+        "bare_s": bare_times,
+        "probe_s": probe_times,
     }

@@ -8,6 +8,7 @@ the numba kernels of ``mlp_stats``, one read of the activations per direction.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -21,6 +22,7 @@ from sparsescope.probes.mlp_stats import neuron_columns, token_rows
 
 TOP_K = 20
 _POS_BITS = 24  # key = seq_id << 24 | pos identifies a token of the run
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 def hook_names(layer: int, gated: bool) -> tuple[str, str | None]:
@@ -46,6 +48,22 @@ def _ranges(n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
+@cache
+def _reuse_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse rather than hand it back to the system.
+
+    The probe holds every layer's activations until the batch's forward ends. Freed
+    together, glibc would return them (trim or munmap) and fault the pages in again the
+    next batch: that costs a tenth of a MiniLM forward. Blocks under 32 MiB now come from
+    the heap, and up to 1 GiB of free heap is kept. Nothing happens off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
 def _host(tensor: torch.Tensor, d: int) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().reshape(-1, d).float().cpu().numpy())
 
@@ -55,6 +73,7 @@ class MlpProbe:
 
     def __init__(self, n_layers: int, d_mlp: int, gated: bool, top_k: int = TOP_K):
         self.n_layers, self.d_mlp, self.gated, self.top_k = n_layers, d_mlp, gated, top_k
+        _reuse_freed_memory()
         self.n_tokens = 0
         shape = (n_layers, d_mlp)
         self.n_active = np.zeros(shape, dtype=np.int64)
