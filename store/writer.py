@@ -48,8 +48,8 @@ def _now() -> datetime:
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Columns worth dictionary-encoding: integers and strings (ids, positions, layers,
-    tokens). Floats and binary codes are mostly distinct: a dictionary there only costs
-    time (a third of a probe run's write time) and space."""
+    tokens). Floats and binary codes are mostly distinct, so a dictionary there only costs
+    time and space (``layer_token_stats`` of MiniLM: 3x the write time, 1.4x the size)."""
     kinds = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string)
     return [f.name for f in schema if any(kind(f.type) for kind in kinds)]
 
