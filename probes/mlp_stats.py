@@ -22,7 +22,7 @@ _SUM_ROWS = 256  # tokens summed in float32 before adding into the float64 total
 
 
 @njit(inline="always")
-def _popcount8(x):  # pragma: no cover - compiled
+def _popcount8(x):
     x = np.uint32(x)
     x = x - ((x >> 1) & 0x55)
     x = (x & 0x33) + ((x >> 2) & 0x33)
@@ -30,7 +30,7 @@ def _popcount8(x):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
-def token_rows(values, fire_src, lo, hi, packed, n_active, l1, max_abs):  # pragma: no cover
+def token_rows(values, fire_src, lo, hi, packed, n_active, l1, max_abs):
     """Rows ``lo:hi``; token t fires at neuron j where ``fire_src[t, j] > 0`` (METHODS §1).
 
     ``l1`` is summed in float32 in a vectorised order (``reassoc``)."""
@@ -67,9 +67,7 @@ def token_rows(values, fire_src, lo, hi, packed, n_active, l1, max_abs):  # prag
 
 
 @njit(nogil=True, cache=True)
-def neuron_columns(
-    values, fire_src, keys, lo, hi, fired, total, total_sq, vmax, top_val, top_key
-):  # pragma: no cover
+def neuron_columns(values, fire_src, keys, lo, hi, fired, total, total_sq, vmax, top_val, top_key):
     """Columns ``lo:hi``: add the batch to the running counts, sums and maxima, and insert
     each value that beats a neuron's k-th best into its descending top-k list
     (``top_val[j]``, ``top_key[j]``: one contiguous list per neuron).
@@ -106,7 +104,7 @@ def neuron_columns(
 
 
 @njit(inline="always")
-def _insert_row(row, kth, key, top_val, top_key):  # pragma: no cover - compiled
+def _insert_row(row, kth, key, top_val, top_key):
     """Insert ``row[j]`` with ``key`` into list j wherever it beats ``kth[j]``; chunks of
     ``_CHUNK`` neurons with no such value are skipped after one vectorised test."""
     m, k = row.shape[0], top_val.shape[1]
