@@ -41,7 +41,7 @@ def bench_probe(
     report: Callable[[int, float, float], None] | None = None,
 ) -> dict:
     """Return tokens/s of both sides and their ratio (best of ``repeats`` each, interleaved;
-    ``report(i, bare_s, probe_s)`` after each repeat), and every repeat's seconds."""
+    ``report(i, bare_s, probe_s)`` after each repeat)."""
     config = config or ProbeConfig(max_tokens=tokens)
     config.max_tokens = tokens
     model = load_model(model_spec, config.device)
@@ -69,6 +69,4 @@ def bench_probe(
         "bare_tok_s": n / bare,
         "probe_tok_s": n / probe,
         "ratio": bare / probe,
-        "bare_s": bare_times,
-        "probe_s": probe_times,
     }
