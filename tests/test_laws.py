@@ -15,6 +15,7 @@ from sparsescope.analysis.sparsity import activation_ratio
 from sparsescope.analysis.zoo_laws import heldout_batches
 from sparsescope.probes.models import load_model
 from sparsescope.store.reader import Reader
+from tests.conftest import hf_minilm_activations
 
 TOKENS = np.array([0, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7, 2e7])
 
@@ -98,12 +99,22 @@ def test_cett_is_monotone_and_spans_zero_to_one(micro_model):
     assert cett.cett(a, w_out, norms, 0.1) == pytest.approx(expected, rel=1e-5)
 
 
-def test_cls_is_monotone_and_cls1_equals_tls(minilm_store):
+def test_cls_equals_chunk_unions_of_an_independent_forward(minilm_store):
+    """CLS(c) from the stored codes against firing bits of a plain HF forward: whole chunks of
+    c consecutive tokens of one sequence, 1 − |union| / d_mlp, averaged over all chunks."""
     reader = Reader(minilm_store)
     run_id = reader.sql("SELECT run_id FROM runs")["run_id"][0]
-    curve = cls_curve(reader, run_id)
+    tokens = reader.sql("SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos")
+    acts = hf_minilm_activations(tokens)
+    starts = np.r_[0, np.cumsum(tokens.groupby("seq_id", sort=True).size().to_numpy())]
+    curve = cls_curve(reader, run_id).set_index(["layer", "chunk"])["cls"]
     tls = activation_ratio(reader, run_id).set_index("layer")["sparsity"]
-    for layer, group in curve.groupby("layer"):
-        values = group.sort_values("chunk")["cls"].to_numpy()
-        assert np.all(np.diff(values) <= 1e-12), layer
-        assert values[0] == pytest.approx(tls[layer], abs=1e-12)
+    for layer, a in acts.items():
+        for c in (1, 2, 8, 32):
+            chunks = [
+                1.0 - (a[lo + k : lo + k + c] > 0).any(0).mean()
+                for lo, hi in zip(starts[:-1], starts[1:], strict=True)
+                for k in range(0, (hi - lo) // c * c, c)
+            ]
+            assert curve[(layer, c)] == pytest.approx(np.mean(chunks), abs=1e-5), (layer, c)
+        assert curve[(layer, 1)] == pytest.approx(tls[layer], abs=1e-12)

@@ -19,7 +19,7 @@ from sparsescope.kernels.sparsify import INPUT_SIDE, METHODS, capture, sparsify
 from sparsescope.probes.data import DataError, stdlib_docs
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import load_model
-from sparsescope.probes.sparsified import parse_sparsify, sparsified
+from sparsescope.probes.sparsified import parse_sparsify
 from sparsescope.store.reader import Reader
 
 ROOT = Path(__file__).parents[1]
@@ -160,28 +160,35 @@ def test_parse_sparsify():
 
 
 def test_probes_run_unchanged_on_a_sparsified_model(loaded, tmp_path):
+    """``ProbeConfig(sparsify=...)``: the stored firing counts are those of what the sparse
+    down projections multiply (a global torch pre-hook on every SparseLinear), and the job
+    leaves the dense model behind."""
+    from sparsescope.kernels.sparsify import SparseLinear
     from sparsescope.probes.job import ProbeConfig, probe_model
 
     model, _, _ = loaded["gpt2-gelu"]
-    config = ProbeConfig(max_tokens=512, seq_len=64, batch_size=4)
-    seen: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
-    with sparsified(model, "threshold:0.7", "stdlib-docs", 64, 4) as handle:
-        # independent: what the sparse projection multiplies, from a plain torch hook
-        hooks = [b.mlp.out.original_component.register_forward_pre_hook(
-            lambda m, args, i=i: seen[i].append((args[0] > 0).sum(-1).flatten()))
-            for i, b in enumerate(model.bridge.blocks)]  # fmt: skip
-        try:
-            run_id = probe_model(model, "stdlib-docs", tmp_path, config, quiet=True)
-        finally:
-            for h in hooks:
-                h.remove()
-    assert handle is not None
+    config = ProbeConfig(max_tokens=512, seq_len=64, batch_size=4, sparsify="threshold:0.7")
+    outs = [b.mlp.out for b in model.bridge.blocks]
+    seen: list[list[torch.Tensor]] = [[] for _ in outs]
+
+    def count(module, args):
+        for layer, out in enumerate(outs):
+            if module is out.original_component and isinstance(module, SparseLinear):
+                seen[layer].append((args[0] > 0).sum(-1).flatten())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        run_id = probe_model(model, "stdlib-docs", tmp_path, config, quiet=True)
+    finally:
+        hook.remove()
+    assert not any(isinstance(out.original_component, SparseLinear) for out in outs)
     stats = Reader(tmp_path).sql(
         "SELECT layer, n_active FROM layer_token_stats WHERE run_id = ?"
         " ORDER BY layer, seq_id, pos",
         [run_id],
     )
     expected = torch.cat([torch.cat(s) for s in seen]).numpy()
+    assert len(expected) == 512 * model.n_layers
     assert (stats["n_active"].to_numpy() == expected).all()
     # firing share is at most ~30% (threshold at 0.7 keeps |a| above the 70% quantile)
     assert stats["n_active"].mean() / model.d_mlp < 0.35
