@@ -72,6 +72,17 @@ def hf_minilm_activations(tokens) -> dict[int, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The zoo's ``micro`` preset trained once (root for SPARSESCOPE_ZOO, manifest rows)."""
+    from sparsescope.probes.zoo import train_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSESCOPE_ZOO", str(root))
+        return root, train_zoo("micro")
+
+
+@pytest.fixture(scope="session")
 def minilm_store(tmp_path_factory) -> Path:
     """A store with one MiniLM probe run over the start of stdlib-docs."""
     from sparsescope.probes.job import ProbeConfig, run_probe

@@ -33,12 +33,11 @@ FIELDS |= {"train_loss", "val_loss", "path"}
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    """The micro zoo trained once under a temporary SPARSESCOPE_ZOO root."""
-    root = tmp_path_factory.mktemp("zoo")
+def zoo(micro_zoo):
+    """The micro zoo, with SPARSESCOPE_ZOO pointing at it."""
+    root, rows = micro_zoo
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARSESCOPE_ZOO", str(root))
-        rows = train_zoo("micro")
         yield root / "micro", rows
 
 
