@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import entropy
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
+from sklearn.multiclass import OneVsOneClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from streamlit.testing.v1 import AppTest
 
@@ -80,8 +82,34 @@ def test_knn_accuracy_equals_sklearn_hamming_knn_on_an_independent_forward(indep
             )
             expected = (knn.predict(b[te]) == y[te]).mean()
             assert got.loc[(label, layer), "knn_acc"] == pytest.approx(expected, abs=0.02)
+            ovo = OneVsOneClassifier(LogisticRegression(solver="liblinear")).fit(b[tr], y[tr])
+            expected = (ovo.predict(b[te]) == y[te]).mean()
+            assert got.loc[(label, layer), "logreg_acc"] == pytest.approx(expected, abs=0.02)
             assert got.loc[(label, layer), "n_samples"] == len(idx)
     assert got.loc[("current token", 0), "knn_acc"] > 0.9  # layer 0 codes know the token
+
+
+def test_frequent_codes_equal_numpy_counts_on_an_independent_forward(independent):
+    reader, run_id, _, bits = independent
+    for layer in (0, 5):
+        got = hc.frequent_codes(reader, run_id, layer, limit=10)
+        _, counts = np.unique(bits[layer], axis=0, return_counts=True)
+        assert got["n"].tolist() == sorted(counts, reverse=True)[:10], layer
+        assert (got["n_distinct_tokens"] <= got["n"]).all()
+
+
+def test_kmeans_accuracy_matches_clusters_to_permuted_classes():
+    """Three far-apart code prototypes, class labels a permutation of the clusters, 10% of the
+    test labels replaced: the Hungarian matching must recover the permutation (accuracy .9)."""
+    rng = np.random.default_rng(0)
+    protos = rng.random((3, 256)) < 0.5
+    cluster = rng.integers(0, 3, 600)
+    bits = protos[cluster] ^ (rng.random((600, 256)) < 0.03)
+    y = np.array([7, 2, 5])[cluster]
+    y_test = y[400:].copy()
+    y_test[:20] = np.where(y_test[:20] == 7, 2, 7)  # 20 of 200 test labels wrong
+    acc = hc.kmeans_accuracy(bits[:400], y[:400], bits[400:], y_test)
+    assert acc == pytest.approx(0.9)
 
 
 def _brute_force(reader, run_id, layer, seq_id, pos, k=10) -> pd.DataFrame:

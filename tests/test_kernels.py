@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import norm
 
 from sparsescope.kernels import bench, ops, thresholds, triton_mlp
 from sparsescope.kernels import reference as ref
@@ -195,7 +196,8 @@ def test_relu_exact_is_lossless_on_relu_mlp():
 def test_stat_topk_keeps_about_k():
     z = torch.randn(200, 1024, generator=torch.Generator().manual_seed(3))
     out = thresholds.stat_topk(z, k=64)
-    assert (out >= 0).all()
+    theta = z.mean(-1, keepdim=True) + z.std(-1, keepdim=True) * norm.ppf(1 - 64 / 1024)
+    torch.testing.assert_close(out, torch.relu(z - theta), rtol=1e-5, atol=1e-6)
     assert abs((out > 0).sum(-1).float().mean().item() - 64) < 8
     assert set(thresholds.METHODS) == {
         "relu-exact", "threshold", "wina", "cett", "chess", "stat-topk",
