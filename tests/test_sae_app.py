@@ -3,10 +3,11 @@ feature-probe run on a tiny random GPT-2 (contexts and logits checked against th
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -14,15 +15,12 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from sparsescope.analysis.sae_train import TrainConfig, train_sae
 from sparsescope.app.state import STORE_ENV
-from sparsescope.probes import data as data_sources
-from sparsescope.probes.batches import batches
-from sparsescope.probes.hooks import hooked
-from sparsescope.probes.job import TokenNames
+from sparsescope.probes.job import ProbeConfig, probe_model
 from sparsescope.probes.models import load_model, minilm_path
 from sparsescope.probes.sae import load_sae
-from sparsescope.probes.sae_probe import SaeProbe
 from sparsescope.store.reader import Reader
-from sparsescope.store.writer import RunWriter
+from tests.conftest import fingerprint, run_cli
+from tests.test_sae import np_encode
 
 PAGE = str(Path(__file__).parents[1] / "app" / "views" / "sae_features.py")
 HOOK = "blocks.1.hook_resid_post"
@@ -57,34 +55,51 @@ def sae_store(tmp_path_factory) -> Path:
         heldout_tokens=256,
     )
     row = train_sae(cfg, store, quiet=True)
-    model = load_model(str(tmp / "gpt2"))
-    probe = SaeProbe(load_sae(row["path"]), row["sae_id"])
-    names = TokenNames(model.tokenizer)
-    docs = data_sources.documents(str(tmp / "corpus.txt"))
-    with RunWriter(store, "probe", model.model_id, "corpus", {}, "features") as writer:
-        n = 0
-        with torch.inference_mode(), hooked(model.bridge, probe.hooks()):
-            for batch in batches(model.tokenizer, docs, 32, 4, max_tokens=1024):
-                ids = batch.input_ids
-                probe.start_batch(batch.seq_ids, ids.shape[1])
-                model.backbone()(input_ids=ids)
-                flat = ids.reshape(-1).numpy()
-                writer.write(
-                    "tokens",
-                    {
-                        "seq_id": np.repeat(batch.seq_ids, ids.shape[1]),
-                        "pos": np.tile(np.arange(ids.shape[1], dtype=np.int32), len(ids)),
-                        "token_id": flat.astype(np.int32),
-                        "token": names(flat),
-                    },
-                )
-                writer.write(
-                    "sae_feature_acts", pa.Table.from_batches(probe.take_rows()["sae_feature_acts"])
-                )
-                n += flat.size
-        writer.write("sae_feature_stats", probe.feature_stats())
-        writer.commit(n, models=[model.info])
+    config = ProbeConfig(max_tokens=1024, seq_len=32, batch_size=4, saes=[row["path"]])
+    probe_model(load_model(str(tmp / "gpt2")), str(tmp / "corpus.txt"), store, config, quiet=True)
     return store
+
+
+def test_probe_job_with_an_sae_equals_an_independent_encode(sae_store):
+    """``ProbeConfig(saes=...)``: stored feature activations equal a numpy TopK encode of plain
+    HF hidden states of the stored tokens (position 0 left out, as the probe does)."""
+    r = Reader(sae_store)
+    run = r.sql("SELECT run_id, config FROM runs WHERE kind = 'probe'").iloc[0]
+    assert "sae_feature_acts" in json.loads(run["config"])["probes"]
+    (sae_row,) = r.sql("SELECT sae_id, path FROM saes").itertuples()
+    w = {n: p.detach().double().numpy() for n, p in load_sae(sae_row.path).named_parameters()}
+    tokens = r.sql("SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos")
+    hf = GPT2LMHeadModel.from_pretrained(sae_store.parent / "gpt2").eval()
+    seen = []  # block 1's output (HF's last hidden state would have ln_f applied)
+    hf.transformer.h[1].register_forward_hook(
+        lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    expected = {}
+    with torch.no_grad():
+        for seq_id, seq in tokens.groupby("seq_id", sort=True):
+            hf(torch.tensor(seq["token_id"].to_numpy())[None])
+            z = np_encode(seen.pop()[0, 1:].double().numpy(), w, 4)
+            for t, f in zip(*np.nonzero(z), strict=True):
+                expected[(seq_id, t + 1, f)] = z[t, f]
+    got = r.sql("SELECT seq_id, pos, feature, value, sae_id FROM sae_feature_acts")
+    assert (got["sae_id"] == sae_row.sae_id).all()
+    values = {(g.seq_id, g.pos, g.feature): g.value for g in got.itertuples()}
+    assert values.keys() == expected.keys()
+    np.testing.assert_allclose([values[k] for k in expected], list(expected.values()), rtol=1e-4)
+
+
+def test_an_sae_on_a_hook_the_model_lacks_is_refused(sae_store, tmp_path):
+    (path,) = Reader(sae_store).sql("SELECT path FROM saes")["path"]
+    bad = tmp_path / "sae"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "cfg.json").read_text())
+    (bad / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.9.hook_resid_post"}))
+    before = fingerprint(sae_store)
+    result = run_cli("probe", "--model", str(sae_store.parent / "gpt2"), "--store", str(sae_store),
+                     "--sae", str(bad), "--max-tokens", "64")  # fmt: skip
+    assert result.returncode == 2 and "blocks.9.hook_resid_post" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert fingerprint(sae_store) == before
 
 
 def _app(monkeypatch, store: Path) -> AppTest:
