@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -56,7 +57,17 @@ def test_cli_writes_scores_and_evaluation(circuits_store):
     (config,) = r.sql("SELECT config FROM runs WHERE kind = 'circuits'")["config"]
     config = json.loads(config)
     assert set(config["agreement"]) == {"resid_pre", "attn_out", "mlp_out", "head", "neuron"}
-    assert all(-1 <= v <= 1 for rs in config["agreement"].values() for v in rs.values())
+    scores = r.sql("SELECT method, site, layer, pos, head, neuron, score FROM patching_scores")
+    for site, part in scores.groupby("site"):
+        keyed = {
+            method: g.set_index(["layer", "pos", "head", "neuron"], drop=True)["score"]
+            for method, g in part.fillna(-1).groupby("method")
+        }
+        truth = keyed["activation"].sort_index()
+        for method in ("attribution", "relp"):
+            other = keyed[method].reindex(truth.index)
+            expected = np.corrcoef(truth.to_numpy(), other.to_numpy())[0, 1]
+            assert config["agreement"][site][method] == pytest.approx(expected, abs=1e-9)
     assert set(config["seconds"]) == {"activation", "attribution", "relp"}
 
 
