@@ -197,6 +197,52 @@ def test_activation_patching(tmp_path, tokenizer, task):
         assert torch.isclose(scores[layer, pos], (lds.mean() - ld[1]) / (ld[0] - ld[1]), atol=1e-5)
 
 
+def _hf_metric(hf, task, overwrite=None) -> float:
+    """Normalised-LD numerator pieces from plain HF: mean LD of the corrupted run where
+    ``overwrite = (module, fn)`` replaces the module's input by ``fn(input)``."""
+    handle = None
+    if overwrite is not None:
+        module, fn = overwrite
+        handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]),))
+    with torch.no_grad():
+        lds = _ld(task, hf(task.corrupted).logits)
+    if handle is not None:
+        handle.remove()
+    return float(lds.mean())
+
+
+@pytest.mark.parametrize("site", ["head", "neuron"])
+def test_head_and_neuron_patching_against_plain_hf_hooks(tmp_path, tokenizer, task, site):
+    """One head's output (all positions) or one neuron (last position) set to its clean value
+    by a pre-hook on HF's c_proj (merged heads / MLP activations), as plain torch."""
+    model, hf = _model(tmp_path, tokenizer, "gelu_new")
+    clean = patching.cache(model, task.clean, [site])
+    scores = patching.activation_patching(model, task, site, clean, patching.baselines(model, task))
+    with torch.no_grad():
+        ld_clean = float(_ld(task, hf(task.clean).logits).mean())
+    ld_corr = _hf_metric(hf, task)
+    d_head = 32 // 2
+    for layer, idx in [(0, 1), (1, 0), (1, 37)] if site == "neuron" else [(0, 0), (1, 1)]:
+        block = hf.transformer.h[layer]
+        proj = block.mlp.c_proj if site == "neuron" else block.attn.c_proj
+        seen = []
+        h = proj.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            hf(task.clean)
+        h.remove()
+        cols = slice(idx, idx + 1) if site == "neuron" else slice(idx * d_head, (idx + 1) * d_head)
+        rows = slice(-1, None) if site == "neuron" else slice(None)
+
+        def put(x, ref=seen[0], cols=cols, rows=rows):
+            x = x.clone()
+            x[:, rows, cols] = ref[:, rows, cols]
+            return x
+
+        patched = _hf_metric(hf, task, (proj, put))
+        expected = (patched - ld_corr) / (ld_clean - ld_corr)
+        assert float(scores[layer, idx]) == pytest.approx(expected, abs=1e-4), (layer, idx)
+
+
 def test_faithfulness_mean_ablates_all_but_the_circuit(tmp_path, tokenizer, task):
     model, _ = _model(tmp_path, tokenizer, "gelu_new")
     ld = patching.baselines(model, task)
