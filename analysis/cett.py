@@ -1,7 +1,8 @@
-"""Owner of METHODS.md §2 CETT and PPL-p% sparsity (Sparsing Law).
+"""Owner of METHODS.md §2 PPL-p% sparsity (Sparsing Law).
 
-``norm_i = |a_i| · ||W_out[:, i]||``; ``CETT_l(t)`` is the mean over tokens of the
-relative norm of the MLP output carried by neurons with ``norm_i ≤ t``. PPL-p%
+``norm_i = |a_i| · ||W_out[:, i]||``; ``CETT_l(t)`` (``kernels.thresholds.cett_error``, which
+the sparse kernels' ``cett`` method shares) is the mean over tokens of the relative norm of
+the MLP output carried by neurons with ``norm_i ≤ t``. PPL-p%
 binary-searches one global CETT target ``c`` so that zeroing every neuron with
 ``norm_i ≤ t_l(c)`` raises held-out perplexity by exactly p%.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparsescope.kernels.thresholds import cett_error
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import LoadedModel
 
@@ -48,20 +50,6 @@ def capture_post(model: LoadedModel, token_batches: list[torch.Tensor]) -> list[
     return [torch.cat(a).float() for a in acts]
 
 
-def cett(
-    a: torch.Tensor,
-    w_out: torch.Tensor,
-    norms: torch.Tensor,
-    t: float,
-    full_norm: torch.Tensor | None = None,
-) -> float:
-    """CETT_l(t) of activations a [N, d_mlp] with W_out [d_mlp, d_model]."""
-    if full_norm is None:
-        full_norm = (a @ w_out).norm(dim=1)
-    tail = (a * ((a.abs() * norms) <= t)) @ w_out
-    return float((tail.norm(dim=1) / full_norm.clamp_min(1e-12)).mean())
-
-
 def threshold_for_cett(
     a: torch.Tensor, w_out: torch.Tensor, norms: torch.Tensor, target: float
 ) -> float:
@@ -74,7 +62,7 @@ def threshold_for_cett(
     full_norm = (a @ w_out).norm(dim=1)
     for _ in range(_T_STEPS):
         mid = (lo + hi) / 2
-        if cett(a, w_out, norms, mid, full_norm) < target:
+        if cett_error(a, w_out, norms, mid, full_norm) < target:
             lo = mid
         else:
             hi = mid

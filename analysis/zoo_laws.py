@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from sparsescope.analysis import cett, laws
+from sparsescope.kernels.thresholds import cett_error
 from sparsescope.probes.batches import batches
 from sparsescope.probes.data import documents
 from sparsescope.probes.job import ProbeConfig, probe_model
@@ -65,7 +66,7 @@ def threshold_run(store, model, tokens: int) -> str:
                 {
                     "layer": [layer] * CETT_GRID,
                     "threshold": grid.tolist(),
-                    "cett": [cett.cett(a, w_out, norm, float(t), full_norm) for t in grid],
+                    "cett": [cett_error(a, w_out, norm, float(t), full_norm) for t in grid],
                     "activation_ratio": [
                         float(((a.abs() * norm) > t).float().mean()) for t in grid
                     ],

@@ -11,6 +11,8 @@ so probes see the sparsified activation), and its ``original_component`` becomes
 Sites per method (thresholds calibrated per layer at the target sparsity, ``kernels.thresholds``):
 
 - relu-exact, cett, stat-topk, chess (ungated): the down projection's input ``a``;
+- cett: one global CETT target for all layers (the Sparsing Law), so the layers' sparsities
+  differ and their mean is the target;
 - threshold, wina: ``a`` and the MLP input ``x`` of the gate/up (``in``) projections;
 - chess (gated): the gate's output, zeroed where ``|σ(gate)| ≤ τ/E|up|``, so ``a`` is zero
   there too and ``hook_pre`` shows the mask.
@@ -208,8 +210,6 @@ def _down_keep(method: str, cal: Calibration, layer: int, w_out_t: torch.Tensor,
         return _magnitude(thresholds.threshold(a, s))
     if method == "wina":
         return _magnitude(thresholds.wina(a, w_out_t, s))
-    if method == "cett":
-        return _magnitude(thresholds.cett(a, w_out_t, s))
     if method == "chess":  # ungated: importance |a_j|, E|up| = 1
         return _magnitude(thresholds.chess(a, torch.ones_like(a[:1]), s))
     k = _stat_topk(a, s)
@@ -248,8 +248,11 @@ def sparsify(
     gated = _gated(bridge)
     handle = SparseHandle(method, target, 0.0)
     rates = []
+    mlps = _mlps(bridge)
+    if method == "cett":  # one global CETT target over the layers
+        cett_t = thresholds.cett(cal.a, [_w_t(mlp.out) for mlp in mlps], target)
     try:
-        for layer, mlp in enumerate(_mlps(bridge)):
+        for layer, mlp in enumerate(mlps):
             ins = [mlp.gate, mlp.get_submodule("in")] if gated else [mlp.get_submodule("in")]
             w_out_t = _w_t(mlp.out)
             if method == "chess" and gated:
@@ -259,7 +262,8 @@ def sparsify(
                 _output_site(handle, mlp.gate, lambda v, t=t, f=act: f(v).abs() > t.to(v.device))
                 rate = _sparse_rate(_magnitude(t), g)
             else:
-                keep = _down_keep(method, cal, layer, w_out_t, target)
+                keep = (_magnitude(cett_t[layer]) if method == "cett"
+                        else _down_keep(method, cal, layer, w_out_t, target))  # fmt: skip
                 _input_site(handle, mlp.out, keep)
                 rate = _sparse_rate(keep, cal.a[layer])
             _swap(handle, mlp.out, rate, crossover)

@@ -53,23 +53,66 @@ def wina(
     return (t / norms).float()
 
 
-def cett(
-    acts: torch.Tensor,
+def cett_error(
+    a: torch.Tensor,
     w_out_t: torch.Tensor,
-    sparsity: float | None = None,
-    t: float | None = None,
-) -> torch.Tensor:
-    """Sparsing Law CETT-activity ``|a_i|·||W_out[:, i]||₂ > t_l`` as ``t_l / ||W_out[:, i]||₂``.
+    norms: torch.Tensor,
+    t: float,
+    full_norm: torch.Tensor | None = None,
+) -> float:
+    """CETT_l(t) (Sparsing Law): the mean over tokens of ``||Σ_{norm_i ≤ t} a_i W_out[:, i]||``
+    over ``||Σ_i a_i W_out[:, i]||`` with ``norm_i = |a_i|·norms_i``; ``a`` is [N, d_mlp],
+    ``w_out_t`` is ``W_out^T`` ([d_mlp, d_model]), ``norms`` its row norms."""
+    if full_norm is None:
+        full_norm = (a @ w_out_t).norm(dim=1)
+    tail = (a * ((a.abs() * norms) <= t)) @ w_out_t
+    return float((tail.norm(dim=1) / full_norm.clamp_min(1e-12)).mean())
 
-    ``t`` is the layer threshold (e.g. the PPL-p% ``t_l`` from the thresholds table); without
-    it ``t_l`` is the ``sparsity`` quantile of ``norm_i`` on the calibration activations.
+
+def cett(
+    acts: Sequence[torch.Tensor],
+    w_out_ts: Sequence[torch.Tensor],
+    sparsity: float,
+    grid: int = 32,
+    rows: int = 1024,
+) -> list[torch.Tensor]:
+    """Sparsing Law thresholds of a whole model: one global CETT target ``c``; layer l keeps
+    ``|a_i|·||W_out[:, i]||₂ > t_l`` with ``CETT_l(t_l) = c``, and ``c`` is chosen so the mean
+    over layers of the dropped share is ``sparsity`` (layers get different sparsities).
+
+    Per layer, CETT is measured (on up to ``rows`` tokens) at the ``grid`` quantiles of
+    ``norm_i`` from 0 to 0.99 and interpolated. Returns per layer ``t_l / ||W_out[:, i]||₂``.
     """
-    norms = _row_norms(w_out_t).to(acts.device)
-    if t is None:
-        if sparsity is None:
-            raise ValueError("cett needs a layer threshold t or a target sparsity")
-        t = float(_quantile(acts.abs().float() * norms, sparsity))
-    return (t / norms).float()
+    qs = torch.linspace(0.0, 0.99, grid)
+    layers = []
+    for a, w in zip(acts, w_out_ts, strict=True):
+        a, w = a[:rows].float(), w.float().to(a.device)
+        norms = _row_norms(w)
+        scores = (a.abs() * norms).flatten().sort().values
+        ts = scores[(qs * (scores.numel() - 1)).long()]
+        full = (a @ w).norm(dim=1)
+        curve = torch.tensor([cett_error(a, w, norms, float(t), full) for t in ts])
+        curve = curve.cummax(0).values + torch.arange(grid) * 1e-9  # strictly increasing
+        layers.append((scores, norms, curve))
+
+    def dropped(c: float) -> list[float]:
+        """Per layer, the dropped share whose CETT is ``c`` (interpolated on the grid)."""
+        out = []
+        for _, _, curve in layers:
+            i = int(torch.searchsorted(curve, torch.tensor(c)).clamp(1, grid - 1))
+            frac = float(((c - curve[i - 1]) / (curve[i] - curve[i - 1])).clamp(0, 1))
+            out.append(float(qs[i - 1] + frac * (qs[i] - qs[i - 1])))
+        return out
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(dropped(mid)) / len(layers) < sparsity else (lo, mid)
+    out = []
+    for (scores, norms, _), q in zip(layers, dropped((lo + hi) / 2), strict=True):
+        t_l = scores[min(round(q * scores.numel()), scores.numel() - 1)]
+        out.append((t_l / norms).float())
+    return out
 
 
 def chess(gate_acts: torch.Tensor, up_acts: torch.Tensor, sparsity: float) -> torch.Tensor:

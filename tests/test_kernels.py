@@ -1,5 +1,6 @@
 """Sparse-MLP kernels: torch reference, Triton kernels (interpreted on CPU), calibration."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -164,7 +165,6 @@ def test_calibration_hits_target_on_held_out(target):
         thresholds.threshold(calib, target),
         thresholds.wina(calib, w_t, target),
         thresholds.wina(calib, (w_t, w_t.flip(1)), target),
-        thresholds.cett(calib, w_t, sparsity=target),
     ):
         assert thresh.shape == (64,) and thresh.dtype == torch.float32
         assert abs(_sparsity(held, thresh) - target) < 0.02
@@ -174,11 +174,25 @@ def test_calibration_hits_target_on_held_out(target):
     assert abs(_sparsity(gate[2000:], chess) - target) < 0.02
 
 
-def test_cett_with_given_layer_threshold():
-    w_t = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
-    assert torch.allclose(thresholds.cett(torch.ones(1, 2), w_t, t=10.0), torch.tensor([2.0, 10.0]))
-    with pytest.raises(ValueError):
-        thresholds.cett(torch.ones(1, 2), w_t)
+@pytest.mark.parametrize("target", [0.5, 0.8])
+def test_cett_one_global_target_over_layers(target):
+    """Three layers with different activation spreads: the mean dropped share is the target,
+    every layer's CETT at its threshold (numpy, from the definition) is the same c, and the
+    layers' sparsities differ (unlike a per-layer quantile)."""
+    g = torch.Generator().manual_seed(4)
+    acts = [torch.randn(1500, 48, generator=g) * torch.rand(48, generator=g) ** p
+            for p in (0.5, 2.0, 4.0)]  # fmt: skip
+    w_ts = [torch.randn(48, 16, generator=g) for _ in acts]
+    per_channel = thresholds.cett(acts, w_ts, target, grid=64, rows=1500)
+    dropped, errors = [], []
+    for a, w, t in zip(acts, w_ts, per_channel, strict=True):
+        a, w, t = a.double().numpy(), w.double().numpy(), t.double().numpy()
+        tail = a * (np.abs(a) <= t)
+        errors.append((np.linalg.norm(tail @ w, axis=1) / np.linalg.norm(a @ w, axis=1)).mean())
+        dropped.append((np.abs(a) <= t).mean())
+    assert np.mean(dropped) == pytest.approx(target, abs=0.01)
+    assert max(errors) - min(errors) < 0.01, errors
+    assert max(dropped) - min(dropped) > 0.05, dropped
 
 
 def test_relu_exact_is_lossless_on_relu_mlp():

@@ -13,6 +13,7 @@ from sparsescope.analysis import cett, laws
 from sparsescope.analysis.chunks import cls_curve
 from sparsescope.analysis.sparsity import activation_ratio
 from sparsescope.analysis.zoo_laws import heldout_batches
+from sparsescope.kernels.thresholds import cett_error
 from sparsescope.probes.models import load_model
 from sparsescope.store.reader import Reader
 from tests.conftest import hf_minilm_activations
@@ -90,13 +91,13 @@ def test_cett_is_monotone_and_spans_zero_to_one(micro_model):
     acts = cett.capture_post(model, heldout_batches(model, 512))
     w_out = model.bridge.blocks[0].mlp.W_out.detach().float()
     norms = cett.w_out_norms(model)[0]
-    values = [cett.cett(acts[0], w_out, norms, t) for t in (-1.0, 0.01, 0.1, 1.0, 1e9)]
+    values = [cett_error(acts[0], w_out, norms, t) for t in (-1.0, 0.01, 0.1, 1.0, 1e9)]
     assert values[0] == 0.0 and values[-1] == pytest.approx(1.0)
     assert values == sorted(values)
     # independent: one token by hand
     a, keep = acts[0][:1], (acts[0][:1].abs() * norms) <= 0.1
     expected = float(((a * keep) @ w_out).norm() / (a @ w_out).norm())
-    assert cett.cett(a, w_out, norms, 0.1) == pytest.approx(expected, rel=1e-5)
+    assert cett_error(a, w_out, norms, 0.1) == pytest.approx(expected, rel=1e-5)
 
 
 def test_cls_equals_chunk_unions_of_an_independent_forward(minilm_store):
