@@ -35,23 +35,45 @@ METHODS = tuple(thresholds.METHODS)
 INPUT_SIDE = ("threshold", "wina")  # methods that also sparsify the gate/up input
 
 
+UNION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def union_sparsity(kept: torch.Tensor) -> dict[int, float]:
+    """Sparsity of the kept set of B calibration tokens (the union over random groups of B;
+    METHODS.md §7: bytes scale with it), for each B of ``UNION_BATCHES`` the data allows.
+    ``kept`` is a boolean ``[n_tokens, d]``."""
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for b in UNION_BATCHES:
+        n = len(kept) // b
+        if n == 0:
+            break
+        out[b] = 1.0 - float(kept[order[: n * b]].view(n, b, -1).any(1).float().mean())
+    return out
+
+
 class SparseLinear(nn.Module):
     """Drop-in for a projection ``y = x @ W^T + b`` computed input-sparse by ``kernels.ops``.
 
     The input arrives masked, so ``thresh = 0`` keeps exactly its nonzero channels. Inputs of
     more than ``MAX_BATCH`` rows (prefill) run dense on the masked input: the same values.
-    ``sparsity`` (calibrated, per token) drives the dense fallback below ``crossover``.
+    ``union`` (calibrated sparsity of the kept set per batch size, :func:`union_sparsity`)
+    drives the dense fallback below ``crossover``, for the batch size of each call.
     """
 
-    def __init__(self, dense: nn.Module, sparsity: float, crossover: float):
+    def __init__(self, dense: nn.Module, union: dict[int, float], crossover: float):
         super().__init__()
         w = dense.weight.detach()
         w_t = w.t() if isinstance(dense, nn.Linear) else w
         self.register_buffer("w_t", w_t.contiguous(), persistent=False)
         self.register_buffer("thresh", w.new_zeros(w_t.shape[0], dtype=torch.float32), False)
         self.bias = dense.bias
-        self.sparsity, self.crossover = sparsity, crossover
+        self.union, self.crossover = union, crossover
         self._dense = (dense,)  # not a submodule: restore() puts it back
+
+    def batch_sparsity(self, rows: int) -> float:
+        """Calibrated kept-set sparsity at ``rows`` tokens (largest tabled batch ≤ rows)."""
+        return self.union[max(b for b in self.union if b <= rows)]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -59,10 +81,12 @@ class SparseLinear(nn.Module):
         return self._dense[0].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > triton_mlp.MAX_BATCH:
+        rows = x.numel() // x.shape[-1]
+        if rows > triton_mlp.MAX_BATCH:
             y = reference.dense_matmul(x, self.w_t)
         else:
-            y = ops.sparse_matmul(x, self.w_t, self.thresh, self.sparsity, self.crossover)
+            s = self.batch_sparsity(rows)
+            y = ops.sparse_matmul(x, self.w_t, self.thresh, s, self.crossover)
         return y if self.bias is None else y + self.bias
 
 
@@ -225,8 +249,8 @@ def _check(bridge, method: str, target: float) -> None:
         raise ValueError("the model is already sparsified: call restore() on its handle first")
 
 
-def _sparse_rate(keep: Callable, t: torch.Tensor) -> float:
-    return 1.0 - float(keep(t).float().mean())
+def _union(keep: Callable, t: torch.Tensor) -> dict[int, float]:
+    return union_sparsity(keep(t).reshape(-1, t.shape[-1]))
 
 
 def sparsify(
@@ -260,23 +284,23 @@ def sparsify(
                 g = act(cal.gate[layer])
                 t = thresholds.chess(g, cal.up[layer], target)
                 _output_site(handle, mlp.gate, lambda v, t=t, f=act: f(v).abs() > t.to(v.device))
-                rate = _sparse_rate(_magnitude(t), g)
+                union = _union(_magnitude(t), g)
             else:
                 keep = (_magnitude(cett_t[layer]) if method == "cett"
                         else _down_keep(method, cal, layer, w_out_t, target))  # fmt: skip
                 _input_site(handle, mlp.out, keep)
-                rate = _sparse_rate(keep, cal.a[layer])
-            _swap(handle, mlp.out, rate, crossover)
-            rates.append(rate)
+                union = _union(keep, cal.a[layer])
+            _swap(handle, mlp.out, union, crossover)
+            rates.append(union[1])
             if method in INPUT_SIDE:
                 w_in = [_w_t(m) for m in ins]
                 t = (thresholds.threshold(cal.x[layer], target) if method == "threshold"
                      else thresholds.wina(cal.x[layer], w_in, target))  # fmt: skip
-                rate = _sparse_rate(_magnitude(t), cal.x[layer])
+                union = _union(_magnitude(t), cal.x[layer])
                 for m in ins:
                     _input_site(handle, m, _magnitude(t))
-                    _swap(handle, m, rate, crossover)
-                rates.append(rate)
+                    _swap(handle, m, union, crossover)
+                rates.append(union[1])
     except BaseException:
         handle.restore()
         raise
@@ -320,8 +344,10 @@ def _output_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> 
     handle._undo.append(h.remove)
 
 
-def _swap(handle: SparseHandle, module: nn.Module, sparsity: float, crossover: float) -> None:
+def _swap(
+    handle: SparseHandle, module: nn.Module, union: dict[int, float], crossover: float
+) -> None:
     """Replace the LinearBridge's projection with a :class:`SparseLinear`."""
     dense = module.original_component
-    module.set_original_component(SparseLinear(dense, sparsity, crossover))
+    module.set_original_component(SparseLinear(dense, union, crossover))
     handle._undo.append(lambda: module.set_original_component(dense))

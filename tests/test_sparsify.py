@@ -15,7 +15,15 @@ from typer.testing import CliRunner
 from sparsescope.analysis.sparsify_eval import EvalConfig, evaluate, is_causal_lm, token_batches
 from sparsescope.app.kernels_cli import kernels_app
 from sparsescope.app.state import STORE_ENV
-from sparsescope.kernels.sparsify import INPUT_SIDE, METHODS, capture, sparsify
+from sparsescope.kernels import reference
+from sparsescope.kernels.sparsify import (
+    INPUT_SIDE,
+    METHODS,
+    SparseLinear,
+    capture,
+    sparsify,
+    union_sparsity,
+)
 from sparsescope.probes.data import DataError, stdlib_docs
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import load_model
@@ -119,6 +127,39 @@ def test_every_method_hits_its_target_on_heldout(loaded, name, method):
         finally:
             handle.restore()
         assert abs(achieved - target) < 0.06, (method, target, achieved)
+
+
+def test_union_sparsity_of_independent_masks_is_the_power_law():
+    """Channels kept independently with p = .3: the union of B tokens drops .7^B of them."""
+    g = torch.Generator().manual_seed(0)
+    union = union_sparsity(torch.rand(8192, 256, generator=g) < 0.3)
+    assert sorted(union) == [1, 2, 4, 8, 16, 32, 64]
+    for b, s in union.items():
+        assert s == pytest.approx(0.7**b, abs=0.01), b
+
+
+def test_dense_fallback_follows_the_batch_size(monkeypatch):
+    """Per-token sparsity .7 is above the crossover .5, the union of 2 or more tokens below it:
+    one token runs sparse, 3 or 4 run dense; both give x @ W^T + b."""
+    calls = []
+    monkeypatch.setattr(reference, "dense_matmul", _spy(calls, "dense", reference.dense_matmul))
+    monkeypatch.setattr(
+        reference, "sparse_matmul_ref", _spy(calls, "sparse", reference.sparse_matmul_ref)
+    )
+    dense = torch.nn.Linear(12, 5)
+    layer = SparseLinear(dense, {1: 0.7, 2: 0.49, 4: 0.24}, crossover=0.5)
+    for rows, path in ((1, "sparse"), (3, "dense"), (4, "dense")):
+        x = torch.randn(rows, 12)
+        torch.testing.assert_close(layer(x), x @ dense.weight.T + dense.bias)
+        assert calls.pop() == path and not calls, rows
+
+
+def _spy(calls: list, name: str, fn):
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @pytest.mark.parametrize("name", ["gpt2-relu", "llama"])
