@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
 from sparsescope.analysis import laws
-from sparsescope.analysis.zoo_laws import analyze_zoo, heldout_batches
+from sparsescope.analysis.zoo_laws import analyze_zoo, heldout_batches, ratio_over_training
 from sparsescope.app.state import STORE_ENV
 from sparsescope.probes.models import load_model
 from sparsescope.store.reader import Reader
@@ -144,4 +144,12 @@ def test_sparsity_laws_page_draws_the_fits(laws_store, monkeypatch):
     at.switch_page("views/sparsity_laws.py").run()
     assert not at.exception, at.exception
     assert not at.info, [i.value for i in at.info]
-    assert len(at.get("plotly_chart")) >= 2
+    assert len(at.get("plotly_chart")) >= 3  # ratios with fits, residuals, and more
+    # residual RMS agrees with R² (SS_res = (1 − R²)·SS_tot over the fitted points)
+    ratios = ratio_over_training(Reader(laws_store[0]))
+    mean = ratios.groupby(["model", "tokens_seen"])["activation_ratio"].mean().reset_index()
+    table = at.dataframe[0].value
+    for row in table[table["r2"].notna()].itertuples():
+        a = mean[(mean["model"] == row.model) & (mean["tokens_seen"] > 0)]["activation_ratio"]
+        ss_tot = ((a - a.mean()) ** 2).sum()
+        assert row.rms_residual**2 * len(a) == pytest.approx((1 - row.r2) * ss_tot, rel=1e-3)

@@ -1,4 +1,5 @@
-"""Sparsity laws: activation ratio over training with fitted laws, PPL-p%, CLS, width/depth."""
+"""Sparsity laws: activation ratio over training with fitted laws and their residuals, PPL-p%,
+CLS, width/depth."""
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ else:
 sel = sel.assign(tokens=sel["tokens_seen"].clip(lower=1))
 
 fig = go.Figure()
+residuals = []
 palette = px.colors.qualitative.Plotly
 for i, (model, group) in enumerate(sel.groupby("model")):
     color = palette[i % len(palette)]
@@ -58,7 +60,13 @@ for i, (model, group) in enumerate(sel.groupby("model")):
         if fit.r2 is None or np.isnan(fit.r2):
             continue
         fn, names, _ = FORMS[fit.form]
-        y = fn(grid / SCALE, *[getattr(fit, n) for n in names])
+        params = [getattr(fit, n) for n in names]
+        y = fn(grid / SCALE, *params)
+        seen = group[group["tokens_seen"] > 0]  # the points the law was fitted on
+        residuals.append(seen.assign(
+            fit=f"{model} {fit.form}",
+            residual=seen["activation_ratio"] - fn(seen["tokens_seen"] / SCALE, *params),
+        ))  # fmt: skip
         fig.add_scatter(
             x=grid,
             y=y,
@@ -77,8 +85,21 @@ st.caption(
     "Dashed: decreasing form exp(−c·D^α + b) + A0; dotted: increasing form −c·D^(−α) + A0 "
     "(D in millions of tokens). Both are fitted on every model."
 )
+if residuals:
+    res = pd.concat(residuals)
+    res_fig = px.line(
+        res, x="tokens_seen", y="residual", color="fit", markers=True, log_x=True,
+        labels={"tokens_seen": "tokens seen", "residual": "observed − fitted ratio"},
+        title="Residuals of the fits",
+    )  # fmt: skip
+    res_fig.add_hline(y=0, line_color="grey")
+    st.plotly_chart(res_fig, width="stretch")
+    rms = res.groupby("fit")["residual"].apply(lambda r: float(np.sqrt((r**2).mean())))
+else:
+    rms = pd.Series(dtype=float)
+shown = fits[(fits["layer"] == layer_id) & fits["model"].isin(chosen)]
 st.dataframe(
-    fits[(fits["layer"] == layer_id) & fits["model"].isin(chosen)].drop(
+    shown.assign(rms_residual=(shown["model"] + " " + shown["form"]).map(rms)).drop(
         columns=["run_id", "layer"]
     ),
     hide_index=True,
