@@ -1,6 +1,7 @@
 """Quality of sparsified models (METHODS.md §7), rows of the ``sparsify_eval`` table.
 
-Per method × target: the achieved sparsity on held-out text (``SparseHandle.achieved``) and
+Per method × target: the achieved sparsity on held-out text (``SparseHandle.achieved``), the
+model-level speed ceiling of batch-1 decoding it allows (``SparseHandle.ceiling``) and
 the quality metric next to the dense model's: ``ppl`` (perplexity, causal LMs) or, for
 encoders without an LM head (MiniLM), ``emb_rel_change``: the mean over sequences of
 ``||e_sparse − e_dense|| / ||e_dense||`` of the mean-pooled output embeddings (dense value 0).
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsescope.kernels.sparsify import METHODS, Calibration, capture, sparsify
+from sparsescope.kernels.sparsify import METHODS, Calibration, capture, sparsify, weight_count
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
 from sparsescope.probes.models import LoadedModel, load_model
@@ -102,6 +103,7 @@ def evaluate(
     with torch.inference_mode(), model.fast_attention():
         metric, score = _scorer(model, held)
         dense = score()
+        n_w = weight_count(model)
         for method in methods:
             for target in [0.0] if method == "relu-exact" else targets:
                 handle = sparsify(model, method, target, calibration)
@@ -113,7 +115,8 @@ def evaluate(
                 rel = value if metric == "emb_rel_change" else value / dense - 1.0
                 rows.append({
                     "model_id": model.model_id, "method": method, "target": float(target),
-                    "achieved_sparsity": handle.achieved(), "metric": metric,
+                    "achieved_sparsity": handle.achieved(), "model_ceiling": handle.ceiling(n_w),
+                    "metric": metric,
                     "dense_value": 0.0 if metric == "emb_rel_change" else dense,
                     "sparse_value": value, "relative_increase": rel,
                 })  # fmt: skip

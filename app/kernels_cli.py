@@ -55,19 +55,21 @@ def sparsify_eval(
     calib_tokens: int = typer.Option(4096, "--calib-tokens", min=2, help="Calibration tokens."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ):
-    """Perplexity (or embedding) change and achieved sparsity per method x target."""
+    """Perplexity (or embedding) change, achieved sparsity and the model-level speed ceiling
+    1/ρ of batch-1 decoding, per method x target."""
     from sparsescope.analysis.sparsify_eval import EvalConfig, run_sparsify_eval
 
     plan = [m.strip() for m in methods.split(",") if m.strip()]
     cfg = EvalConfig(tokens=tokens, calib_tokens=calib_tokens, device=device)
     run_id, rows = run_sparsify_eval(model, plan, _floats(targets, "--targets"), store, cfg)
     table = Table(title=f"sparsify-eval {model}")
-    for col in ("method", "target", "achieved", "metric", "dense", "sparse", "increase"):
+    cols = ("method", "target", "achieved", "1/ρ", "metric", "dense", "sparse", "increase")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("method", "metric") else "right")
     for r in rows:
         table.add_row(r["method"], f"{r['target']:.2f}", f"{r['achieved_sparsity']:.3f}",
-                      r["metric"], f"{r['dense_value']:.4g}", f"{r['sparse_value']:.4g}",
-                      f"{r['relative_increase']:+.2%}")  # fmt: skip
+                      f"{r['model_ceiling']:.2f}×", r["metric"], f"{r['dense_value']:.4g}",
+                      f"{r['sparse_value']:.4g}", f"{r['relative_increase']:+.2%}")  # fmt: skip
     Console().print(table)
     print(run_id)
 

@@ -118,6 +118,7 @@ class SparseHandle:
     target: float
     calibrated: float  # mean sparsity of the sites on the calibration data
     sites: list[_Site] = field(default_factory=list)
+    matrices: list[tuple[_Site, int]] = field(default_factory=list)  # (its site, weights)
     _undo: list[Callable[[], None]] = field(default_factory=list)
     track: bool = False
 
@@ -126,6 +127,14 @@ class SparseHandle:
         seen while ``track`` was on; nan if nothing was seen."""
         fracs = [float(s.dropped) / s.total for s in self.sites if s.total]
         return sum(fracs) / len(fracs) if fracs else float("nan")
+
+    def ceiling(self, total_weights: int) -> float:
+        """Model-level speed ceiling ``1/ρ`` of batch-1 decoding (METHODS.md §7):
+        ``ρ = [Σ_m (1 − s_m)|W_m| + dense weights] / total``, with ``s_m`` the share of matrix
+        m's input channels (weight rows) its site dropped while ``track`` was on."""
+        skipped = sum(float(site.dropped) / site.total * n for site, n in self.matrices
+                      if site.total)  # fmt: skip
+        return total_weights / (total_weights - skipped)
 
     def reset(self) -> None:
         for s in self.sites:
@@ -143,6 +152,25 @@ def _bridge(model):
 
 def _mlps(bridge) -> list[nn.Module]:
     return [block.mlp for block in bridge.blocks]
+
+
+def weight_count(model) -> int:
+    """Elements of the weight matrices a decoding step reads: every ``nn.Linear``, GPT-2
+    ``Conv1D`` and :class:`SparseLinear` of the model (embedding gathers and norms left out).
+
+    Weights are counted by the memory they span, so views that share it (the bridge's q, k, v
+    of a fused qkv; an LM head tied to the embedding) count once."""
+    spans = sorted(
+        (w.data_ptr(), w.data_ptr() + w.numel() * w.element_size(), w.element_size())
+        for m in _bridge(model).modules()
+        if isinstance(m, nn.Linear | SparseLinear) or type(m).__name__ == "Conv1D"
+        for w in [m.weight]
+    )
+    total, end = 0, 0
+    for lo, hi, size in spans:
+        total += max(hi - max(lo, end), 0) // size
+        end = max(end, hi)
+    return total
 
 
 def _gated(bridge) -> bool:
@@ -283,14 +311,15 @@ def sparsify(
                 act = _act(bridge)
                 g = act(cal.gate[layer])
                 t = thresholds.chess(g, cal.up[layer], target)
-                _output_site(handle, mlp.gate, lambda v, t=t, f=act: f(v).abs() > t.to(v.device))
+                site = _output_site(handle, mlp.gate,
+                                    lambda v, t=t, f=act: f(v).abs() > t.to(v.device))  # fmt: skip
                 union = _union(_magnitude(t), g)
             else:
                 keep = (_magnitude(cett_t[layer]) if method == "cett"
                         else _down_keep(method, cal, layer, w_out_t, target))  # fmt: skip
-                _input_site(handle, mlp.out, keep)
+                site = _input_site(handle, mlp.out, keep)
                 union = _union(keep, cal.a[layer])
-            _swap(handle, mlp.out, union, crossover)
+            _swap(handle, mlp.out, site, union, crossover)
             rates.append(union[1])
             if method in INPUT_SIDE:
                 w_in = [_w_t(m) for m in ins]
@@ -298,8 +327,7 @@ def sparsify(
                      else thresholds.wina(cal.x[layer], w_in, target))  # fmt: skip
                 union = _union(_magnitude(t), cal.x[layer])
                 for m in ins:
-                    _input_site(handle, m, _magnitude(t))
-                    _swap(handle, m, union, crossover)
+                    _swap(handle, m, _input_site(handle, m, _magnitude(t)), union, crossover)
                 rates.append(union[1])
     except BaseException:
         handle.restore()
@@ -314,7 +342,7 @@ def _count(handle: SparseHandle, site: _Site, keep: torch.Tensor) -> None:
         site.total += keep.numel()
 
 
-def _input_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> None:
+def _input_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> _Site:
     """Mask the input of ``module`` (before its hook points fire)."""
     site = _Site(keep_fn)
     handle.sites.append(site)
@@ -327,9 +355,10 @@ def _input_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> N
 
     h = module.register_forward_pre_hook(pre_hook)
     handle._undo.append(h.remove)
+    return site
 
 
-def _output_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> None:
+def _output_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> _Site:
     """Zero the wrapped projection's output of ``module`` where ``keep_fn`` is false (before
     the LinearBridge's ``hook_out`` fires)."""
     site = _Site(keep_fn)
@@ -342,12 +371,15 @@ def _output_site(handle: SparseHandle, module: nn.Module, keep_fn: Callable) -> 
 
     h = module.original_component.register_forward_hook(hook)
     handle._undo.append(h.remove)
+    return site
 
 
 def _swap(
-    handle: SparseHandle, module: nn.Module, union: dict[int, float], crossover: float
+    handle: SparseHandle, module: nn.Module, site: _Site, union: dict[int, float], crossover: float
 ) -> None:
-    """Replace the LinearBridge's projection with a :class:`SparseLinear`."""
+    """Replace the LinearBridge's projection with a :class:`SparseLinear` whose skipped input
+    channels are those ``site`` drops."""
     dense = module.original_component
     module.set_original_component(SparseLinear(dense, union, crossover))
+    handle.matrices.append((site, dense.weight.numel()))
     handle._undo.append(lambda: module.set_original_component(dense))

@@ -184,6 +184,7 @@ DATA_TABLES: dict[str, pa.Schema] = {
             ("method", pa.string()),
             ("target", pa.float64()),
             ("achieved_sparsity", pa.float64()),
+            ("model_ceiling", pa.float64()),  # 1/ρ of batch-1 decoding (METHODS.md §7)
             ("metric", pa.string()),
             ("dense_value", pa.float64()),
             ("sparse_value", pa.float64()),

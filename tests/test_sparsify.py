@@ -23,6 +23,7 @@ from sparsescope.kernels.sparsify import (
     capture,
     sparsify,
     union_sparsity,
+    weight_count,
 )
 from sparsescope.probes.data import DataError, stdlib_docs
 from sparsescope.probes.hooks import hooked
@@ -235,6 +236,36 @@ def test_probes_run_unchanged_on_a_sparsified_model(loaded, tmp_path):
     assert stats["n_active"].mean() / model.d_mlp < 0.35
 
 
+def test_model_ceiling_counts_the_skipped_weight_rows(loaded):
+    """relu-exact on ReLU GPT-2: 1/ρ = total / (total − Σ_l zeros_l · |W_out|), with the
+    weights counted from the config and the zeros of a at each layer's hook_post."""
+    model, cal, held = loaded["gpt2-relu"]
+    cfg = model.bridge.original_model.config
+    d, f, L = cfg.n_embd, cfg.n_inner, cfg.n_layer
+    total = L * (4 * d * d + 2 * d * f) + cfg.vocab_size * d  # attention, MLP, tied LM head
+    assert weight_count(model) == total
+    zeros = [[0, 0] for _ in range(L)]
+
+    def count(t, hook, layer):
+        zeros[layer][0] += int((t == 0).sum())
+        zeros[layer][1] += t.numel()
+
+    hooks = [(f"blocks.{i}.mlp.hook_post", lambda t, hook, i=i: count(t, hook, i))
+             for i in range(L)]  # fmt: skip
+    handle = sparsify(model, "relu-exact", 0.0, cal)
+    try:
+        assert weight_count(model) == total  # the swapped projections are still counted
+        handle.track = True
+        with hooked(model.bridge, hooks):
+            for ids in held:
+                _logits(model, ids)
+    finally:
+        handle.restore()
+    skipped = sum(z / n * f * d for z, n in zeros)
+    assert handle.ceiling(total) == pytest.approx(total / (total - skipped), rel=1e-9)
+    assert handle.ceiling(total) > 1.1
+
+
 def test_evaluate_rows(loaded):
     assert all(is_causal_lm(loaded[name][0]) for name in ("gpt2-relu", "llama"))
     model, cal, held = loaded["llama"]
@@ -311,4 +342,4 @@ def test_kernels_page(monkeypatch, tmp_path, loaded):
     monkeypatch.setenv(STORE_ENV, str(store))
     at = AppTest.from_file(str(ROOT / "app/views/kernels.py"), default_timeout=60).run()
     assert not at.exception, at.exception
-    assert len(at.get("plotly_chart")) == 3 and not at.info
+    assert len(at.get("plotly_chart")) == 4 and not at.info  # speed, bandwidth, quality ×2

@@ -72,4 +72,17 @@ else:
                   title=f"Quality vs sparsity ({metric}, held-out text)")  # fmt: skip
     fig.update_layout(yaxis_tickformat=".1%", xaxis_tickformat=".0%")
     st.plotly_chart(fig, width="stretch")
+    if "model_ceiling" in q and q["model_ceiling"].notna().any():
+        fig = px.line(q, x="model_ceiling", y="relative_increase", color="method", markers=True,
+                      hover_data=["target", "achieved_sparsity"],
+                      labels={"relative_increase": label,
+                              "model_ceiling": "model speed ceiling 1/ρ (batch 1)"},
+                      title="What the sparsity could buy, and what it costs")  # fmt: skip
+        fig.update_layout(yaxis_tickformat=".1%")
+        st.plotly_chart(fig, width="stretch")
+        st.caption(
+            "1/ρ with ρ = [Σ_m (1 − s_m)|W_m| + dense weights] / all weights: the most a "
+            "memory-bound batch-1 decoding step could speed up when each sparsified matrix m "
+            "skips the share s_m of its weight rows it skipped on the held-out text."
+        )
     st.dataframe(q.drop(columns=["run_id"]), hide_index=True, width="stretch")
