@@ -33,7 +33,7 @@ app.add_typer(sae_app, name="sae")
 app.add_typer(experiment_app, name="experiment")
 
 DEFAULT_DEMO_STORE = Path("stores/demo")
-DEMO_TOKENS = 50_000
+DEMO_TOKENS = 100_000  # METHODS.md §3: dead neurons over at least 10^5 tokens
 
 StoreOpt = typer.Option(..., "--store", help="Store folder (created by the first probe).")
 FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}.")
@@ -80,7 +80,7 @@ def probe(
         "stdlib-docs", "--data", help="stdlib-docs[:heldout], a .txt or .jsonl file."
     ),
     store: Path = StoreOpt,
-    max_tokens: int = typer.Option(50_000, "--max-tokens", min=1),
+    max_tokens: int = typer.Option(100_000, "--max-tokens", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=2),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),

@@ -26,7 +26,7 @@ from sparsescope.store.writer import RunWriter
 
 @dataclass
 class ProbeConfig:
-    max_tokens: int | None = 50_000
+    max_tokens: int | None = 100_000  # dead neurons need N ≥ 10^5 tokens (METHODS.md §3)
     seq_len: int = 128
     batch_size: int = 16
     device: str = "cpu"
