@@ -64,14 +64,36 @@ def _progress(total: int | None, quiet: bool) -> Progress:
     )
 
 
+def _hook_widths(model: LoadedModel, names: list[str], device: str) -> dict[str, int]:
+    """The last dimension of each hook's activation, from a one-token forward pass."""
+    widths: dict[str, int] = {}
+
+    def width(name: str):
+        def record(t: torch.Tensor, hook) -> torch.Tensor:
+            widths[name] = t.shape[-1]
+            return t
+
+        return record
+
+    hooks = [(n, width(n)) for n in names]
+    with torch.inference_mode(), hooked(model.bridge, hooks):
+        model.backbone()(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    return widths
+
+
 def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeProbe]]:
-    out = []
-    for path in config.saes:
-        sae = load_sae(path, config.device)
+    saes = [(path, load_sae(path, config.device)) for path in config.saes]
+    for path, sae in saes:
         if sae.hook_name not in model.bridge.hook_dict:
             raise ModelError(f"SAE {path} hooks {sae.hook_name}, which {model.model_id} lacks")
-        out.append((path, SaeProbe(sae, sae_id_of(path), config.device)))
-    return out
+    widths = _hook_widths(model, [sae.hook_name for _, sae in saes], config.device) if saes else {}
+    for path, sae in saes:
+        if widths.get(sae.hook_name) != sae.d_in:
+            raise ModelError(
+                f"SAE {path} reads {sae.d_in} values at {sae.hook_name}, where "
+                f"{model.model_id} has {widths.get(sae.hook_name)}: it was made for another model"
+            )
+    return [(path, SaeProbe(sae, sae_id_of(path), config.device)) for path, sae in saes]
 
 
 def make_probes(model: LoadedModel, config: ProbeConfig) -> tuple[list, list[tuple[str, SaeProbe]]]:

@@ -157,7 +157,10 @@ def load_sae(folder: Path | str, device: str = "cpu") -> SAE:
         bool(cfg.get("apply_b_dec_to_input", True)),
         meta,
     )
-    weights = load_file(str(folder / WEIGHTS))
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except Exception as err:  # safetensors raises its own error type for a bad file
+        raise SaeError(f"{folder}/{WEIGHTS}: cannot be read ({err})") from None
     expected = {n: tuple(p.shape) for n, p in sae.named_parameters()}
     got = {n: tuple(weights[n].shape) for n in expected if n in weights}
     if got != expected:

@@ -40,7 +40,8 @@ def connect(root: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConn
             break
         except duckdb.Error as err:
             if not _is_lock_error(err) or time.monotonic() > deadline:
-                raise StoreError(f"cannot open the catalog of {root}: {err}") from None
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise StoreError(f"cannot open the catalog of {root}: {first}") from None
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 0.2)
     try:
@@ -50,11 +51,15 @@ def connect(root: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConn
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
-    """The catalog's schema version (0 for an empty catalog)."""
+    """The catalog's schema version (0 for an empty catalog); a DuckDB file holding other
+    tables is refused."""
     tables = {
         r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
     }
     if "schema_version" not in tables:
+        if tables:
+            names = ", ".join(sorted(tables)[:5])
+            raise StoreError(f"its {CATALOG} is not a SparseScope catalog (it holds {names})")
         return 0
     return con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] or 0
 
@@ -91,6 +96,13 @@ def check_store(root: Path) -> Path:
         )
     if not is_store(root):
         raise StoreError(f"{root} is not a SparseScope store (no {CATALOG})")
+    try:
+        with connect(root, read_only=True) as con:
+            version = schema_version(con)
+    except StoreError as err:
+        raise StoreError(f"{root} is not a SparseScope store: {err}") from None
+    if version == 0:
+        raise StoreError(f"{root} is not a SparseScope store (its {CATALOG} is empty)")
     return root
 
 
@@ -101,8 +113,12 @@ def init_store(root: Path) -> Path:
         raise StoreError(f"store path {root} is a file, not a folder")
     if root.is_dir() and not is_store(root) and any(root.iterdir()):
         raise StoreError(f"{root} is not empty and not a SparseScope store: choose another path")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with connect(root) as con:  # the catalog first: a bad one leaves the folder as it was
+            migrate(con)
+    except StoreError as err:
+        raise StoreError(f"{root} is not a SparseScope store: {err}") from None
     for sub in ("data", "staging"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    with connect(root) as con:
-        migrate(con)
+        (root / sub).mkdir(exist_ok=True)
     return root

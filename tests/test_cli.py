@@ -155,6 +155,29 @@ def test_store_path_that_is_not_a_store(tmp_path, command):
     assert fingerprint(junk) == before
 
 
+@pytest.mark.parametrize("catalog", ["foreign", "corrupt"])
+@pytest.mark.parametrize(
+    "command",
+    [["runs"], ["sql", "SELECT 1"], ["store", "gc"], ["sae", "list"],
+     ["probe", "--model", "minilm", "--max-tokens", "64"]],
+)  # fmt: skip
+def test_a_catalog_that_is_not_ours_is_refused(tmp_path, catalog, command):
+    """A DuckDB file with other tables, or a file that is not DuckDB, named catalog.duckdb."""
+    import duckdb
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    if catalog == "foreign":
+        with duckdb.connect(str(folder / "catalog.duckdb")) as con:
+            con.execute("CREATE TABLE x (a INTEGER)")
+    else:
+        (folder / "catalog.duckdb").write_text("not a database")
+    before = fingerprint(folder)
+    result = run_cli(*command, "--store", str(folder))
+    _one_line_error(result, "not a SparseScope store")
+    assert fingerprint(folder) == before
+
+
 def test_probe_refuses_a_non_empty_folder_that_is_not_a_store(tmp_path):
     junk = tmp_path / "junk"
     junk.mkdir()

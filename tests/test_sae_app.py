@@ -88,16 +88,28 @@ def test_probe_job_with_an_sae_equals_an_independent_encode(sae_store):
     np.testing.assert_allclose([values[k] for k in expected], list(expected.values()), rtol=1e-4)
 
 
-def test_an_sae_on_a_hook_the_model_lacks_is_refused(sae_store, tmp_path):
+@pytest.mark.parametrize(
+    "change, model, needle",
+    [
+        ("hook", "gpt2", "blocks.9.hook_resid_post, which"),  # a hook the model lacks
+        (None, "minilm", "reads 32 values at blocks.1.hook_resid_post, where minilm has 384"),
+        ("weights", "gpt2", "cannot be read"),  # a corrupt safetensors file
+    ],
+)
+def test_a_bad_sae_is_refused_in_one_line(sae_store, tmp_path, change, model, needle):
     (path,) = Reader(sae_store).sql("SELECT path FROM saes")["path"]
     bad = tmp_path / "sae"
     shutil.copytree(path, bad)
-    cfg = json.loads((bad / "cfg.json").read_text())
-    (bad / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.9.hook_resid_post"}))
+    if change == "hook":
+        cfg = json.loads((bad / "cfg.json").read_text())
+        (bad / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.9.hook_resid_post"}))
+    elif change == "weights":
+        (bad / "sae_weights.safetensors").write_bytes(b"garbage")
+    model = str(sae_store.parent / "gpt2") if model == "gpt2" else model
     before = fingerprint(sae_store)
-    result = run_cli("probe", "--model", str(sae_store.parent / "gpt2"), "--store", str(sae_store),
-                     "--sae", str(bad), "--max-tokens", "64")  # fmt: skip
-    assert result.returncode == 2 and "blocks.9.hook_resid_post" in result.stderr
+    result = run_cli("probe", "--model", model, "--store", str(sae_store), "--sae", str(bad),
+                     "--max-tokens", "64")  # fmt: skip
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert fingerprint(sae_store) == before
 
