@@ -37,12 +37,6 @@ def fvu(sq_err: float, sum_x: np.ndarray, sum_sq: float, n: int) -> float:
     return sq_err / (sum_sq - float(sum_x @ sum_x) / n)
 
 
-def is_causal_lm(model: LoadedModel) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model.bridge.original_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-
-
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of a batch (mean: divide by ``B·(T−1)``)."""
     return F.cross_entropy(
@@ -83,7 +77,7 @@ def evaluate(
 
     CE metrics are None for models without a next-token head.
     """
-    causal = is_causal_lm(model)
+    causal = model.is_causal_lm
     sq_err = sum_sq = 0.0
     sum_x = np.zeros(sae.d_in)
     n = l0 = n_pred = 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sparsescope.analysis.sae_metrics import FIRST, evaluate, is_causal_lm, lm_loss, stats_table
+from sparsescope.analysis.sae_metrics import FIRST, evaluate, lm_loss, stats_table
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
 from sparsescope.probes.hooks import hooked
@@ -244,7 +244,7 @@ def _check_request(model: LoadedModel, cfg: TrainConfig) -> None:
         raise TrainError(
             f"model {cfg.model!r} has no hook {cfg.hook!r} (e.g. blocks.0.hook_resid_post)"
         )
-    if cfg.arch == "gsae" and not is_causal_lm(model):
+    if cfg.arch == "gsae" and not model.is_causal_lm:
         raise TrainError(f"--arch gsae needs a causal LM for ∇_x L; {cfg.model!r} is not one")
 
 

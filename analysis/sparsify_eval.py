@@ -47,13 +47,6 @@ def token_batches(model: LoadedModel, data: str, n_tokens: int, cfg: EvalConfig)
     return found
 
 
-def is_causal_lm(model: LoadedModel) -> bool:
-    """Whether the booted Hugging Face model is a causal LM (MiniLM boots as BertForMaskedLM)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model.bridge.original_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-
-
 def _nll(model: LoadedModel, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL and the number of predicted tokens of one batch."""
     logits = model.bridge.original_model(input_ids=ids).logits
@@ -69,7 +62,7 @@ def _embeddings(model: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
 
 def _scorer(model: LoadedModel, held: list[torch.Tensor]) -> tuple[str, Callable[[], float]]:
     """(metric name, function computing it over the held-out batches)."""
-    if is_causal_lm(model):
+    if model.is_causal_lm:
 
         def ppl() -> float:
             total, n = 0.0, 0

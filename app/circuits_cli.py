@@ -31,7 +31,7 @@ def circuits(
         IOI_MODEL
     ),
     task: Annotated[str, typer.Option(help="Task: ioi.")] = "ioi",
-    n: Annotated[int, typer.Option(min=2, help="Prompt pairs (held-out names).")] = 32,
+    n: Annotated[int, typer.Option(min=2, max=1024, help="Prompt pairs (held-out names).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the prompts.")] = 0,
     ah_rule: Annotated[bool, typer.Option(help="RelP: detach attention patterns too.")] = False,
 ) -> None:
@@ -46,6 +46,8 @@ def circuits(
 
     try:
         loaded = _load(model)
+        if not loaded.is_causal_lm:
+            raise TaskError(f"{task} scores next-token logits: {model!r} is not a causal LM")
         data = make_task(task, loaded.tokenizer, n=n, split="test", seed=seed)
         report = compare(loaded, data, ah_rule=ah_rule)
         config = {"task": task, "n": n, "seed": seed, "split": "test", "ah_rule": ah_rule}

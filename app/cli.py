@@ -197,7 +197,7 @@ def _launch_dashboard(store: Path, port: int) -> None:
 
 @app.command("app")
 @one_line_errors
-def app_cmd(store: Path = StoreOpt, port: int = typer.Option(8501, "--port")):
+def app_cmd(store: Path = StoreOpt, port: int = typer.Option(8501, "--port", min=1, max=65535)):
     """Start the dashboard on a store."""
     _launch_dashboard(store, port)
 
@@ -207,7 +207,7 @@ def app_cmd(store: Path = StoreOpt, port: int = typer.Option(8501, "--port")):
 def demo(
     store: Path = typer.Option(DEFAULT_DEMO_STORE, "--store"),
     no_app: bool = typer.Option(False, "--no-app", help="Do the work; do not start the dashboard."),
-    port: int = typer.Option(8501, "--port"),
+    port: int = typer.Option(8501, "--port", min=1, max=65535),
 ):
     """The main job on the embedded default: tiny-zoo sparsity laws, MiniLM, the dashboard.
 
@@ -306,7 +306,19 @@ bench_app.command("kernels")(bench_kernels)
 
 
 def main() -> None:
-    app()
+    """The console entry point. Bad options (a value out of range, a missing option) get the
+    same one-line ``error: ...`` and exit code 2 as other bad input."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
+    except typer.TyperException as err:  # click's usage errors
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        if message.strip():  # empty when the help was shown for a bare command group
+            typer.echo(f"error: {message}", err=True)
+        code = getattr(err, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

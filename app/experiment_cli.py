@@ -40,7 +40,9 @@ def _table(rows: list[dict]) -> Table:
 @experiment_app.command("hash-encoder")
 def hash_encoder(
     store: Annotated[Path, typer.Option("--store", help="Store folder (created if missing).")],
-    seed: Annotated[int, typer.Option(help="Seed of the split, the init and the batches.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the split, the init and the batches.")
+    ] = 0,
     quick: Annotated[
         bool, typer.Option("--quick", help="A small grid (seconds), for tests.")
     ] = False,

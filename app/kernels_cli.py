@@ -10,11 +10,15 @@ import functools
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from sparsescope.store.catalog import init_store
 from sparsescope.store.errors import StoreError
+from sparsescope.store.schema import DATA_TABLES
 
 kernels_app = typer.Typer(help="Sparse MLP kernels: quality and speed.", no_args_is_help=True)
 BENCH_COLUMNS = ("device", "kernel", "method", "sparsity", "batch", "d_model", "d_mlp", "dtype",
@@ -74,16 +78,47 @@ def sparsify_eval(
     print(run_id)
 
 
-def load_rows(path: Path) -> list[dict]:
-    """Benchmark rows from a JSON list (as ``benchmarks/bench_kernels.py`` writes)."""
+def load_rows(path: Path) -> pa.Table:
+    """Benchmark rows from a JSON list (as ``benchmarks/bench_kernels.py`` writes), checked
+    against the ``kernel_bench`` schema before anything is written."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
     try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
-    missing = sorted({c for r in rows for c in BENCH_COLUMNS if c not in r}) if rows else []
-    if not isinstance(rows, list) or not rows or missing:
-        raise ValueError(f"{path}: expected a non-empty list of rows with {', '.join(missing)}")
-    return rows
+        rows = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a non-empty JSON list of row objects")
+    missing = sorted({c for r in rows for c in BENCH_COLUMNS if c not in r})
+    if missing:
+        raise ValueError(f"{path}: rows lack {', '.join(missing)}")
+    try:
+        table = pa.Table.from_pylist(
+            [{c: r[c] for c in BENCH_COLUMNS} for r in rows], schema=DATA_TABLES["kernel_bench"]
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as err:
+        raise ValueError(f"{path}: a value has the wrong type ({err})") from None
+    times = pc.min(pc.min_element_wise(table["ms_dense"], table["ms_sparse"]))
+    if times.as_py() is None or times.as_py() <= 0:
+        raise ValueError(f"{path}: ms_dense and ms_sparse must be positive")
+    return table
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"--device {device!r}: use cpu, or cuda on a machine with a CUDA GPU")
+
+
+def _report_row(row: dict) -> None:
+    """A console line per timed configuration (the full grid takes minutes)."""
+    typer.echo(
+        f"{row['kernel']:7s} {row['d_model']}x{row['d_mlp']} {row['dtype']:8s} "
+        f"{row['method']:6s} B={row['batch']:<2d} s={row['sparsity']:.2f} "
+        f"speedup {row['speedup']:.2f} (ceiling {row['ceiling']:.2f})",
+        err=True,
+    )
 
 
 @kernels_app.command("bench-kernels")
@@ -102,10 +137,13 @@ def bench_kernels(
     else:
         from sparsescope.kernels.bench import run_bench
 
-        rows = run_bench(device, quick=quick)
+        _check_device(device)
+        init_store(store)  # a bad store fails before the timing
+        found = run_bench(device, quick=quick, progress=_report_row)
+        rows = pa.Table.from_pylist([{c: r[c] for c in BENCH_COLUMNS} for r in found])
     config = {"device": device, "quick": quick, "from_json": str(from_json or "")}
     with RunWriter(store, "bench", None, None, config) as writer:
-        writer.write("kernel_bench", {c: [r[c] for r in rows] for c in BENCH_COLUMNS})
+        writer.write("kernel_bench", rows)
         run_id = writer.commit()
-    typer.echo(f"{len(rows)} kernel_bench rows")
+    typer.echo(f"{rows.num_rows} kernel_bench rows")
     print(run_id)

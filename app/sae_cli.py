@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ def train(
     ),
     arch: Annotated[str, typer.Option(help="topk, or gsae (gradient-aware; causal LMs).")] = "topk",
     k: Annotated[int, typer.Option(min=1, help="Active latents per token.")] = 32,
-    expansion: Annotated[int, typer.Option(min=1, help="d_sae / d_in.")] = 8,
+    expansion: Annotated[int, typer.Option(min=1, max=256, help="d_sae / d_in.")] = 8,
     tokens: Annotated[int, typer.Option(min=1, help="Training tokens.")] = 200_000,
     beta: Annotated[float, typer.Option(help="g-SAE gradient weight β.")] = 1.0,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -43,6 +44,10 @@ def train(
     from sparsescope.probes.sae import SaeError
     from sparsescope.store.errors import StoreError
 
+    if not (math.isfinite(lr) and lr > 0) or not math.isfinite(beta):
+        raise _fail(ValueError(f"--lr {lr} must be a positive number and --beta {beta} finite"))
+    if out is not None and out.exists() and not out.is_dir():
+        raise _fail(ValueError(f"--out {out} is a file, not a folder"))
     cfg = TrainConfig(
         model, hook, data, arch, k=k, expansion=expansion, tokens=tokens, beta=beta, lr=lr
     )

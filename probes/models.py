@@ -43,6 +43,15 @@ class LoadedModel:
     def gated(self) -> bool:
         return bool(getattr(self.bridge.cfg, "gated_mlp", False))
 
+    @property
+    def is_causal_lm(self) -> bool:
+        """Whether the booted Hugging Face model is a causal LM (MiniLM is a masked LM)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return (
+            type(self.bridge.original_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        )
+
     @contextmanager
     def fast_attention(self) -> Iterator[None]:
         """Run attention with SDPA while no probe needs attention patterns (same outputs).

@@ -479,6 +479,8 @@ def train_zoo(
     if not specs:
         names = ", ".join(s.name for s in p.models)
         raise ZooError(f"unknown model {only!r} in zoo preset {preset!r}: choose one of {names}")
+    if out.exists() and not out.is_dir():
+        raise ZooError(f"zoo folder {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in specs if _finished(out, p, s) is None]
     columns = (*Progress.get_default_columns(), TextColumn("{task.fields[info]}"))

@@ -96,6 +96,48 @@ def test_sql_row_and_time_limits(minilm_store):
         )
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["probe", "--model", "minilm", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
+        (["experiment", "hash-encoder", "--seed", "-1"], "Invalid value for '--seed'"),
+        (["app", "--port", "99999"], "Invalid value for '--port'"),
+        (["bench", "kernels", "--device", "tpu"], "--device 'tpu'"),
+        (["bench", "kernels", "--from-json", "{numbers}"], "non-empty JSON list of row objects"),
+        (["circuits", "--model", "minilm", "--n", "2"], "'minilm' is not a causal LM"),
+        (["sae", "train", "--model", "minilm", "--hook", "blocks.1.hook_resid_post", "--lr", "-1"],
+         "--lr -1.0 must be a positive number"),
+        (["sae", "train", "--model", "minilm", "--hook", "blocks.1.hook_resid_post", "--out",
+          "{file}"], "is a file, not a folder"),
+    ],
+)  # fmt: skip
+def test_bad_option_values_are_one_line_errors(store_copy, tmp_path, args, needle):
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    (tmp_path / "file").write_text("")
+    paths = {"numbers": tmp_path / "numbers.json", "file": tmp_path / "file"}
+    args = [a.format(**paths) for a in args]
+    before = fingerprint(store_copy)
+    result = run_cli(*args, "--store", str(store_copy))
+    assert result.returncode == 2
+    _one_line_error(result, needle)
+    assert fingerprint(store_copy) == before
+
+
+def test_sql_prints_blobs_as_hex_and_lists(minilm_store):
+    from sparsescope.store.reader import Reader
+
+    query = "SELECT code, [1, 2] AS pair FROM hash_codes ORDER BY seq_id, pos, layer LIMIT 1"
+    (code,) = Reader(minilm_store).sql(query)["code"]
+    for fmt in ("json", "table", "csv"):
+        result = run_cli("sql", "--store", str(minilm_store), "--format", fmt, query)
+        assert result.returncode == 0, result.stderr
+        if fmt == "json":
+            (row,) = json.loads(result.stdout)
+            assert row == {"code": bytes(code).hex(), "pair": [1, 2]}
+        elif fmt == "csv":
+            assert bytes(code).hex() in result.stdout
+
+
 def test_missing_model(store_copy):
     before = fingerprint(store_copy)
     result = run_cli("probe", "--model", "/nowhere/model", "--store", str(store_copy))

@@ -12,7 +12,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
-from sparsescope.analysis.sparsify_eval import EvalConfig, evaluate, is_causal_lm, token_batches
+from sparsescope.analysis.sparsify_eval import EvalConfig, evaluate, token_batches
 from sparsescope.app.kernels_cli import kernels_app
 from sparsescope.app.state import STORE_ENV
 from sparsescope.kernels import reference
@@ -267,7 +267,7 @@ def test_model_ceiling_counts_the_skipped_weight_rows(loaded):
 
 
 def test_evaluate_rows(loaded):
-    assert all(is_causal_lm(loaded[name][0]) for name in ("gpt2-relu", "llama"))
+    assert all(loaded[name][0].is_causal_lm for name in ("gpt2-relu", "llama"))
     model, cal, held = loaded["llama"]
     rows = evaluate(model, ["relu-exact", "threshold", "cett"], [0.5, 0.8], held[:1], cal)
     assert [(r["method"], r["target"]) for r in rows] == [
