@@ -22,6 +22,7 @@ from sparsescope.kernels.sparsify import METHODS, Calibration, capture, sparsify
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
 from sparsescope.probes.models import LoadedModel, load_model
+from sparsescope.store.catalog import check_writable
 from sparsescope.store.writer import RunWriter
 
 
@@ -88,8 +89,10 @@ def evaluate(
     targets: Iterable[float],
     held: list[torch.Tensor],
     calibration: Calibration,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One ``sparsify_eval`` row per method × target (relu-exact once, at target 0)."""
+    """One ``sparsify_eval`` row per method × target (relu-exact once, at target 0);
+    ``on_row`` sees each row as it is done."""
     device = next(model.bridge.parameters()).device
     held = [ids.to(device) for ids in held]
     rows = []
@@ -113,14 +116,18 @@ def evaluate(
                     "dense_value": 0.0 if metric == "emb_rel_change" else dense,
                     "sparse_value": value, "relative_increase": rel,
                 })  # fmt: skip
+                if on_row:
+                    on_row(rows[-1])
     return rows
 
 
 def check_plan(methods: list[str], targets: list[float]) -> None:
     """Reject unknown methods and targets outside [0, 1) before any work starts."""
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--methods: unknown {unknown or 'none given'}; use {', '.join(METHODS)}")
+    if not methods:
+        raise ValueError(f"--methods: give at least one of {', '.join(METHODS)}")
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; use {', '.join(METHODS)}")
     if not targets or any(not 0.0 <= t < 1.0 for t in targets):
         raise ValueError(f"--targets {targets}: give sparsities in [0, 1), e.g. 0.5,0.7")
 
@@ -132,16 +139,18 @@ def run_sparsify_eval(
     store: Path,
     cfg: EvalConfig,
     name: str | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> tuple[str, list[dict]]:
     """Evaluate a model and write the rows into a run of kind ``sparsify-eval``."""
     check_plan(methods, targets)
+    check_writable(store)
     data_sources.validate(cfg.heldout)
     data_sources.validate(cfg.calibration)
     model = load_model(model_spec, cfg.device)
     held = token_batches(model, cfg.heldout, cfg.tokens, cfg)
     calib = token_batches(model, cfg.calibration, cfg.calib_tokens, cfg)
     calibration = capture(model, calib)
-    rows = evaluate(model, methods, targets, held, calibration)
+    rows = evaluate(model, methods, targets, held, calibration, on_row)
     config = {"methods": methods, "targets": targets, **vars(cfg)}
     with RunWriter(store, "sparsify-eval", model.model_id, cfg.heldout, config, name) as writer:
         writer.write("sparsify_eval", {k: [r[k] for r in rows] for k in rows[0]})

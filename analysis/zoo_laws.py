@@ -17,7 +17,7 @@ from sparsescope.probes.batches import batches
 from sparsescope.probes.data import documents
 from sparsescope.probes.job import ProbeConfig, probe_model
 from sparsescope.probes.models import load_model
-from sparsescope.store.catalog import is_store
+from sparsescope.store.catalog import check_writable, is_store
 from sparsescope.store.reader import Reader
 from sparsescope.store.writer import RunWriter
 
@@ -135,6 +135,7 @@ def analyze_zoo(
     """Train (cached), probe every checkpoint, threshold the final ones, fit the laws."""
     from sparsescope.probes.zoo import train_zoo
 
+    check_writable(store)
     console = console or Console()
     rows = train_zoo(preset)
     finals = {row["name"]: row for row in rows}  # manifest rows are in step order

@@ -42,9 +42,11 @@ def circuits(
     from sparsescope.analysis.tasks import TaskError, make_task
     from sparsescope.probes.models import ModelError
     from sparsescope.probes.zoo import ZooError
+    from sparsescope.store.catalog import check_writable
     from sparsescope.store.errors import StoreError
 
     try:
+        check_writable(store)
         loaded = _load(model)
         if not loaded.is_causal_lm:
             raise TaskError(f"{task} scores next-token logits: {model!r} is not a causal LM")

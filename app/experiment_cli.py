@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sparsescope.store.catalog import check_writable
 from sparsescope.store.errors import StoreError
 
 experiment_app = typer.Typer(no_args_is_help=True)
@@ -51,9 +52,11 @@ def hash_encoder(
     depth and training length; one 'experiment' run of hash_encoder_grid rows."""
     from sparsescope.analysis.hash_encoder import FULL, QUICK, run_experiment
 
-    if store.exists() and not store.is_dir():
-        typer.echo(f"error: --store {store} is a file; pass a store folder", err=True)
-        raise typer.Exit(2)
+    try:
+        check_writable(store)
+    except StoreError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     grid = QUICK if quick else FULL
     rows: list[dict] = []
     columns = (

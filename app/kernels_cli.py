@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sparsescope.store.catalog import init_store
+from sparsescope.store.catalog import check_writable
 from sparsescope.store.errors import StoreError
 from sparsescope.store.schema import DATA_TABLES
 
@@ -65,7 +66,16 @@ def sparsify_eval(
 
     plan = [m.strip() for m in methods.split(",") if m.strip()]
     cfg = EvalConfig(tokens=tokens, calib_tokens=calib_tokens, device=device)
-    run_id, rows = run_sparsify_eval(model, plan, _floats(targets, "--targets"), store, cfg)
+    start = time.perf_counter()
+
+    def report(r: dict) -> None:
+        typer.echo(f"{r['method']} {r['target']:.2f}: achieved {r['achieved_sparsity']:.3f}, "
+                   f"1/ρ {r['model_ceiling']:.2f}×, {r['metric']} {r['relative_increase']:+.2%}"
+                   f" ({time.perf_counter() - start:.0f} s)", err=True)  # fmt: skip
+
+    run_id, rows = run_sparsify_eval(
+        model, plan, _floats(targets, "--targets"), store, cfg, on_row=report
+    )
     table = Table(title=f"sparsify-eval {model}")
     cols = ("method", "target", "achieved", "1/ρ", "metric", "dense", "sparse", "increase")
     for col in cols:
@@ -138,7 +148,7 @@ def bench_kernels(
         from sparsescope.kernels.bench import run_bench
 
         _check_device(device)
-        init_store(store)  # a bad store fails before the timing
+        check_writable(store)  # a bad store fails before the timing
         found = run_bench(device, quick=quick, progress=_report_row)
         rows = pa.Table.from_pylist([{c: r[c] for c in BENCH_COLUMNS} for r in found])
     config = {"device": device, "quick": quick, "from_json": str(from_json or "")}

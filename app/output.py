@@ -13,6 +13,11 @@ from rich.table import Table
 FORMATS = ("table", "csv", "json")
 
 
+def wide_console() -> Console:
+    """A console at least 160 columns wide, so that tables do not fold on a narrow terminal."""
+    return Console(width=max(Console().width, 160))
+
+
 def _cell(value) -> str:
     """A printable cell: blobs (hash codes) as hex, lists and arrays as text, nulls empty."""
     if isinstance(value, bytes | bytearray | memoryview):
@@ -41,4 +46,4 @@ def emit(df: pd.DataFrame, fmt: str = "table", title: str | None = None) -> None
             table.add_column(str(col), overflow="fold")
         for row in df.itertuples(index=False):
             table.add_row(*(_cell(v) for v in row))
-        Console(width=max(Console().width, 160)).print(table)
+        wide_console().print(table)

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from sparsescope.app.output import wide_console
 
 zoo_app = typer.Typer(
     help="Train and list the built-in zoo of small causal LMs.", no_args_is_help=True
@@ -72,7 +73,7 @@ def train(
         rows = train_zoo(preset, out, only)
     except ZooError as e:
         raise _fail(e) from None
-    Console().print(_table(rows))
+    wide_console().print(_table(rows))
 
 
 @zoo_app.command("list")
@@ -93,4 +94,4 @@ def list_(
     if format is Format.json:
         typer.echo(json.dumps(rows, indent=1))
     else:
-        Console().print(_table(rows))
+        wide_console().print(_table(rows))

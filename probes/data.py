@@ -112,6 +112,8 @@ def validate(spec: str) -> None:
             raise DataError(f"unknown split {split!r} of {STDLIB}: use one of {', '.join(_SPLITS)}")
         return
     path = Path(spec)
+    if path.is_dir():
+        raise DataError(f"data {spec!r} is a folder: give stdlib-docs, a .txt or a .jsonl file")
     if not path.is_file():
         raise DataError(f"data {spec!r} not found: give stdlib-docs, a .txt or a .jsonl file")
     if path.suffix not in (".txt", ".jsonl"):

@@ -106,13 +106,25 @@ def check_store(root: Path) -> Path:
     return root
 
 
-def init_store(root: Path) -> Path:
-    """Create a store at ``root`` (an absent or empty folder) or upgrade an existing one."""
-    root = Path(root)
+def _check_folder(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise StoreError(f"store path {root} is a file, not a folder")
     if root.is_dir() and not is_store(root) and any(root.iterdir()):
         raise StoreError(f"{root} is not empty and not a SparseScope store: choose another path")
+
+
+def check_writable(root: Path) -> Path:
+    """Raise the one-line StoreError that writing a run to ``root`` would meet, changing
+    nothing: for commands that fail fast before long work. A missing folder is fine."""
+    root = Path(root)
+    _check_folder(root)
+    return check_store(root) if is_store(root) else root
+
+
+def init_store(root: Path) -> Path:
+    """Create a store at ``root`` (an absent or empty folder) or upgrade an existing one."""
+    root = Path(root)
+    _check_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     try:
         with connect(root) as con:  # the catalog first: a bad one leaves the folder as it was

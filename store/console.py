@@ -43,7 +43,8 @@ def check_statement(query: str) -> None:
         raise SqlRefused(f"give exactly one statement (got {len(statements)})")
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
-        raise SqlRefused(f"only SELECT queries are allowed (got {kind.name})")
+        first = query.split(None, 1)[0].upper() if query.split() else kind.name
+        raise SqlRefused(f"only SELECT queries are allowed (got {first})")
 
 
 def sandbox(reader: Reader, time_limit_s: float = TIME_LIMIT_S) -> None:

@@ -112,7 +112,7 @@ def test_a_file_as_store_is_a_one_line_error(tmp_path):
     result = _cli("hash-encoder", "--store", str(bad), "--quick")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        f"error: --store {bad} is a file; pass a store folder"
+        f"error: store path {bad} is a file, not a folder"
     ]
 
 
