@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from sparsescope.store.reader import Reader
 from tests.conftest import run_cli
 
@@ -34,6 +36,7 @@ KILLED_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_no_visible_rows_and_next_job_completes(tmp_path):
     root = tmp_path / "store"
     job = subprocess.Popen(

@@ -88,6 +88,30 @@ def test_probe_job_with_an_sae_equals_an_independent_encode(sae_store):
     np.testing.assert_allclose([values[k] for k in expected], list(expected.values()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"])
+def test_decoder_logits_equal_the_lm_head_times_the_decoder_row(sae_store, hook):
+    """Top and bottom 10 tokens of W_U·d (d = W_dec[f], mapped through HF's c_proj weight for
+    an SAE on the MLP activations), from the plain HF model's weights."""
+    from sparsescope.analysis.sae_metrics import decoder_logits
+    from sparsescope.probes.sae import SAE
+
+    folder = sae_store.parent / "gpt2"
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    d_in = 32 if "resid" in hook else 4 * 32
+    torch.manual_seed(1)
+    sae = SAE(d_in, 16, 4, hook)
+    got = decoder_logits(load_model(str(folder)), sae, feature=5)
+    direction = sae.W_dec[5].detach()
+    if "mlp" in hook:
+        direction = direction @ hf.transformer.h[0].mlp.c_proj.weight.detach()  # [d_mlp, d]
+    logits = hf.lm_head.weight.detach() @ direction
+    for side, largest in (("top", True), ("bottom", False)):
+        rows = got[got["side"] == side].sort_values("rank")
+        values, ids = logits.topk(10, largest=largest)
+        assert rows["token_id"].tolist() == ids.tolist(), side
+        np.testing.assert_allclose(rows["logit"], values.numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, model, needle",
     [

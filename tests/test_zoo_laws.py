@@ -18,6 +18,8 @@ from sparsescope.app.state import STORE_ENV
 from sparsescope.probes.models import load_model
 from sparsescope.store.reader import Reader
 
+pytestmark = pytest.mark.slow  # trains the micro zoo and runs the laws pipeline
+
 DASHBOARD = str(Path(__file__).parents[1] / "app" / "dashboard.py")
 
 
