@@ -84,53 +84,55 @@ def test_sigkill_mid_run_leaves_no_visible_rows_and_next_job_completes(tmp_path)
 
 
 WRITER = textwrap.dedent("""
-    import sys, time
+    import sys
     from sparsescope.store.writer import RunWriter
     root, n = sys.argv[1], int(sys.argv[2])
     for k in range(2):
         w = RunWriter(root, "probe", "m", "d", {}, name=f"run{k}")
         for part in range(4):
+            sys.stdin.readline()  # one step per line from the reader
             w.write("tokens", {"seq_id": [part] * n, "pos": list(range(n)),
                                "token_id": [k] * n, "token": ["t"] * n})
             w._flush("tokens")
-            time.sleep(0.3)
+            print("flushed", w.run_id, flush=True)
+        sys.stdin.readline()
         w.commit(4 * n)
-        print(w.run_id, flush=True)
-        time.sleep(0.5)
+        print("committed", w.run_id, flush=True)
 """)
 
 
 def test_reader_process_sees_runs_only_once_complete(tmp_path):
+    """Writer and reader in lock step: after every flushed shard of a run (on disk, in
+    staging) the reader sees none of its rows; after the commit it sees all of them."""
     from sparsescope.store.catalog import init_store
 
     root = init_store(tmp_path / "store")
     n = 1000
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(root), str(n)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     reader = Reader(root)
-    seen: dict[str, set[int]] = {}
-    queries = 0
-    while writer.poll() is None or queries == 0:
-        reader.refresh()
-        counts = reader.sql(
-            "SELECT r.run_id, r.status, count(t.pos) AS n FROM runs r"
-            " LEFT JOIN tokens t USING (run_id) GROUP BY ALL"
-        )
-        for row in counts.itertuples():
-            seen.setdefault(row.run_id, set()).add(row.n)
-            if row.n:
-                assert row.status == "complete"
-        queries += 1
-    out, err = writer.communicate()
-    assert writer.returncode == 0, err
-    run_ids = out.split()
-    assert len(run_ids) == 2 and queries > 10
-    reader.refresh()
-    final = reader.sql("SELECT run_id, count(*) AS n FROM tokens GROUP BY run_id")
-    assert sorted(final["run_id"]) == sorted(run_ids) and (final["n"] == 4 * n).all()
-    for run_id in run_ids:
-        assert seen.get(run_id, {0}) <= {0, 4 * n}  # never a partial run
+    committed: list[str] = []
+    try:
+        for _ in range(2 * 5):
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            event, run_id = writer.stdout.readline().split()
+            reader.refresh()
+            n_rows = reader.sql("SELECT count(*) AS n FROM tokens WHERE run_id = ?", [run_id])
+            if event == "flushed":
+                assert list((root / "staging" / run_id / "tokens").glob("part-*.parquet"))
+                assert n_rows["n"][0] == 0
+            else:
+                committed.append(run_id)
+                assert n_rows["n"][0] == 4 * n
+    finally:
+        writer.stdin.close()
+        writer.wait(60)
+    assert writer.returncode == 0, writer.stderr.read()
+    status = dict(reader.sql("SELECT run_id, status FROM runs").values.tolist())
+    assert status == {run_id: "complete" for run_id in committed} and len(committed) == 2
