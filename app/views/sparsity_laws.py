@@ -64,7 +64,7 @@ for i, (model, group) in enumerate(sel.groupby("model")):
         y = fn(grid / SCALE, *params)
         seen = group[group["tokens_seen"] > 0]  # the points the law was fitted on
         residuals.append(seen.assign(
-            fit=f"{model} {fit.form}",
+            fit=f"{model} {fit.form}", form=fit.form, color=color,
             residual=seen["activation_ratio"] - fn(seen["tokens_seen"] / SCALE, *params),
         ))  # fmt: skip
         fig.add_scatter(
@@ -88,9 +88,11 @@ st.caption(
 if residuals:
     res = pd.concat(residuals)
     res_fig = px.line(
-        res, x="tokens_seen", y="residual", color="fit", markers=True, log_x=True,
+        res, x="tokens_seen", y="residual", color="model", line_dash="form", markers=True,
+        log_x=True, line_dash_map={"decreasing": "dash", "increasing": "dot"},
+        color_discrete_map=dict(zip(res["model"], res["color"], strict=True)),
         labels={"tokens_seen": "tokens seen", "residual": "observed − fitted ratio"},
-        title="Residuals of the fits",
+        title="Residuals of the fits (colours and dashes as above)",
     )  # fmt: skip
     res_fig.add_hline(y=0, line_color="grey")
     st.plotly_chart(res_fig, width="stretch")
