@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from sparsescope.analysis import cett, laws
-from sparsescope.kernels.thresholds import cett_error
+from sparsescope.kernels.thresholds import cett_curve
 from sparsescope.probes.batches import batches
 from sparsescope.probes.data import documents
 from sparsescope.probes.job import ProbeConfig, probe_model
@@ -58,15 +58,13 @@ def threshold_run(store, model, tokens: int) -> str:
             writer.write("thresholds", cett.thresholds_rows(result))
         for layer, (a, norm) in enumerate(zip(acts, norms, strict=True)):
             w_out = model.bridge.blocks[layer].mlp.W_out.detach().float()
-            scores = (a.abs() * norm).flatten()
-            grid = torch.quantile(scores[:1_000_000], torch.linspace(0.0, 0.99, CETT_GRID))
-            full_norm = (a @ w_out).norm(dim=1)
+            grid, values = cett_curve(a, w_out, torch.linspace(0.0, 0.99, CETT_GRID))
             writer.write(
                 "cett_curves",
                 {
                     "layer": [layer] * CETT_GRID,
                     "threshold": grid.tolist(),
-                    "cett": [cett_error(a, w_out, norm, float(t), full_norm) for t in grid],
+                    "cett": values.tolist(),
                     "activation_ratio": [
                         float(((a.abs() * norm) > t).float().mean()) for t in grid
                     ],

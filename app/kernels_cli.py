@@ -88,6 +88,13 @@ def sparsify_eval(
     print(run_id)
 
 
+def _bench_table(rows: list[dict]) -> pa.Table:
+    """Rows as the ``kernel_bench`` table (extra keys such as speedup dropped)."""
+    return pa.Table.from_pylist(
+        [{c: r[c] for c in BENCH_COLUMNS} for r in rows], schema=DATA_TABLES["kernel_bench"]
+    )
+
+
 def load_rows(path: Path) -> pa.Table:
     """Benchmark rows from a JSON list (as ``benchmarks/bench_kernels.py`` writes), checked
     against the ``kernel_bench`` schema before anything is written."""
@@ -103,9 +110,7 @@ def load_rows(path: Path) -> pa.Table:
     if missing:
         raise ValueError(f"{path}: rows lack {', '.join(missing)}")
     try:
-        table = pa.Table.from_pylist(
-            [{c: r[c] for c in BENCH_COLUMNS} for r in rows], schema=DATA_TABLES["kernel_bench"]
-        )
+        table = _bench_table(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as err:
         raise ValueError(f"{path}: a value has the wrong type ({err})") from None
     times = pc.min(pc.min_element_wise(table["ms_dense"], table["ms_sparse"]))
@@ -149,8 +154,7 @@ def bench_kernels(
 
         _check_device(device)
         check_writable(store)  # a bad store fails before the timing
-        found = run_bench(device, quick=quick, progress=_report_row)
-        rows = pa.Table.from_pylist([{c: r[c] for c in BENCH_COLUMNS} for r in found])
+        rows = _bench_table(run_bench(device, quick=quick, progress=_report_row))
     config = {"device": device, "quick": quick, "from_json": str(from_json or "")}
     with RunWriter(store, "bench", None, None, config) as writer:
         writer.write("kernel_bench", rows)

@@ -69,6 +69,18 @@ def cett_error(
     return float((tail.norm(dim=1) / full_norm.clamp_min(1e-12)).mean())
 
 
+def cett_curve(
+    a: torch.Tensor, w_out_t: torch.Tensor, qs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CETT_l`` at the ``qs`` quantiles of ``norm_i = |a_i|·||W_out[:, i]||₂`` over ``a``
+    [N, d_mlp]: (the thresholds, their CETT)."""
+    norms = _row_norms(w_out_t)
+    scores = (a.abs() * norms).flatten().sort().values
+    ts = scores[(qs * (scores.numel() - 1)).long()]
+    full = (a @ w_out_t).norm(dim=1)
+    return ts, torch.tensor([cett_error(a, w_out_t, norms, float(t), full) for t in ts])
+
+
 def cett(
     acts: Sequence[torch.Tensor],
     w_out_ts: Sequence[torch.Tensor],
@@ -87,13 +99,9 @@ def cett(
     layers = []
     for a, w in zip(acts, w_out_ts, strict=True):
         a, w = a[:rows].float(), w.float().to(a.device)
-        norms = _row_norms(w)
-        scores = (a.abs() * norms).flatten().sort().values
-        ts = scores[(qs * (scores.numel() - 1)).long()]
-        full = (a @ w).norm(dim=1)
-        curve = torch.tensor([cett_error(a, w, norms, float(t), full) for t in ts])
+        _, curve = cett_curve(a, w, qs)
         curve = curve.cummax(0).values + torch.arange(grid) * 1e-9  # strictly increasing
-        layers.append((scores, norms, curve))
+        layers.append((a, _row_norms(w), curve))
 
     def dropped(c: float) -> list[float]:
         """Per layer, the dropped share whose CETT is ``c`` (interpolated on the grid)."""
@@ -109,9 +117,8 @@ def cett(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sum(dropped(mid)) / len(layers) < sparsity else (lo, mid)
     out = []
-    for (scores, norms, _), q in zip(layers, dropped((lo + hi) / 2), strict=True):
-        t_l = scores[min(round(q * scores.numel()), scores.numel() - 1)]
-        out.append((t_l / norms).float())
+    for (a, norms, _), q in zip(layers, dropped((lo + hi) / 2), strict=True):
+        out.append((_quantile(a.abs() * norms, q) / norms).float())
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import duckdb
@@ -87,8 +87,9 @@ def is_store(root: Path) -> bool:
     return (Path(root) / CATALOG).is_file()
 
 
-def check_store(root: Path) -> Path:
-    """Return ``root`` as a Path if it is a store, else raise a one-line StoreError."""
+def find_store(root: Path) -> Path:
+    """``root`` as a Path if it holds a catalog file, else a one-line StoreError (the catalog
+    itself is checked when it is opened: :func:`open_readable`)."""
     root = Path(root)
     if not root.exists():
         raise StoreError(
@@ -96,14 +97,35 @@ def check_store(root: Path) -> Path:
         )
     if not is_store(root):
         raise StoreError(f"{root} is not a SparseScope store (no {CATALOG})")
-    try:
-        with connect(root, read_only=True) as con:
-            version = schema_version(con)
-    except StoreError as err:
-        raise StoreError(f"{root} is not a SparseScope store: {err}") from None
-    if version == 0:
-        raise StoreError(f"{root} is not a SparseScope store (its {CATALOG} is empty)")
     return root
+
+
+@contextmanager
+def open_readable(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The catalog opened read-only, if it is one this SparseScope can read; else a one-line
+    StoreError (not DuckDB, not ours, empty, or newer)."""
+    stack = ExitStack()
+    try:
+        con = stack.enter_context(connect(root, read_only=True))
+        version = schema_version(con)
+        if version == 0:
+            raise StoreError(f"its {CATALOG} is empty")
+    except StoreError as err:
+        stack.close()
+        raise StoreError(f"{root} is not a SparseScope store: {err}") from None
+    if version > SCHEMA_VERSION:
+        stack.close()
+        raise StoreError(f"store {root} has schema v{version}, newer than this SparseScope's")
+    with stack:
+        yield con
+
+
+def check_store(root: Path) -> Path:
+    """Return ``root`` as a Path if it is a store this SparseScope can read, else raise a
+    one-line StoreError."""
+    root = find_store(root)
+    with open_readable(root):
+        return root
 
 
 def _check_folder(root: Path) -> None:

@@ -15,8 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sparsescope.store import catalog
-from sparsescope.store.errors import StoreError
-from sparsescope.store.schema import CATALOG_DDL, DATA_TABLES, SCHEMA_VERSION
+from sparsescope.store.schema import CATALOG_DDL, DATA_TABLES
 
 
 def _quote(path: Path) -> str:
@@ -27,7 +26,7 @@ class Reader:
     """Read-only SQL over a store: ``reader.sql("SELECT ...")`` returns a DataFrame."""
 
     def __init__(self, root: Path | str):
-        self.root = catalog.check_store(Path(root)).resolve()
+        self.root = catalog.find_store(Path(root)).resolve()
         self.data_dir = self.root / "data"
         self.con = duckdb.connect()
         self._catalog_mtime: float | None = None
@@ -41,10 +40,7 @@ class Reader:
             mtime = max(mtime, wal.stat().st_mtime)
         if not force and mtime == self._catalog_mtime:
             return False
-        with catalog.connect(self.root, read_only=True) as cat:
-            version = catalog.schema_version(cat)
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"store schema v{version} is newer than this SparseScope")
+        with catalog.open_readable(self.root) as cat:
             snapshot = {t: cat.sql(f"SELECT * FROM {t}").to_arrow_table() for t in CATALOG_DDL}
         for table, data in snapshot.items():
             self.con.register(f"_{table}_snapshot", data)
