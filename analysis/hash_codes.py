@@ -133,15 +133,33 @@ def categorize(bits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str,
 # ---- probe runs in the store -------------------------------------------------------------
 
 
-def run_codes(reader: Reader, run_id: str) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
-    """Token keys (seq_id, pos, token_id) and packed codes per layer, rows in key order."""
+def run_codes(
+    reader: Reader, run_id: str, max_tokens: int | None = None
+) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """Token keys (seq_id, pos, token_id) and packed codes per layer, rows in key order:
+    the tokens whose codes the run kept (all of them, or the sample of ``--codes every:K``),
+    cut to the first whole sequences that hold at most ``max_tokens`` tokens (at least one)."""
+    first = "(SELECT min(layer) FROM hash_codes WHERE run_id = $run)"
+    last_seq = None
+    if max_tokens is not None:
+        per_seq = reader.sql(
+            f"SELECT seq_id, count(*) AS n FROM hash_codes WHERE run_id = $run AND layer = {first}"
+            " GROUP BY seq_id ORDER BY seq_id",
+            {"run": run_id},
+        )
+        within = per_seq[per_seq["n"].cumsum() <= max_tokens]
+        last_seq = int((within if not within.empty else per_seq.head(1))["seq_id"].max())
+    bound = {"run": run_id, "last": last_seq if last_seq is not None else 2**62}
     keys = reader.sql(
-        "SELECT seq_id, pos, token_id FROM tokens WHERE run_id = ? ORDER BY seq_id, pos",
-        [run_id],
+        "SELECT seq_id, pos, token_id FROM tokens t SEMI JOIN (SELECT seq_id, pos FROM hash_codes"
+        f" WHERE run_id = $run AND layer = {first} AND seq_id <= $last) h USING (seq_id, pos)"
+        " WHERE t.run_id = $run AND t.seq_id <= $last ORDER BY seq_id, pos",
+        bound,
     )
     codes = reader.arrow(
-        "SELECT layer, code FROM hash_codes WHERE run_id = ? ORDER BY layer, seq_id, pos",
-        [run_id],
+        "SELECT layer, code FROM hash_codes WHERE run_id = $run AND seq_id <= $last"
+        " ORDER BY layer, seq_id, pos",
+        bound,
     )
     if codes.num_rows == 0:
         raise ValueError(f"run {run_id} has no hash codes")

@@ -24,3 +24,9 @@ def d_mlp(reader: Reader, run_id: str) -> int:
     if df.empty:
         raise ValueError(f"run {run_id} has no model in the catalog")
     return int(df.iloc[0, 0])
+
+
+def kept_codes(reader: Reader, run_id: str) -> str:
+    """The run's ``--codes`` policy as resolved (``all`` for runs that predate policies)."""
+    df = reader.sql("SELECT config->>'codes' FROM runs WHERE run_id = ?", [run_id])
+    return (df.iloc[0, 0] if not df.empty else None) or "all"

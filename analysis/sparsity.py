@@ -12,13 +12,23 @@ LOG10_EPS = 1e-10
 
 
 def activation_ratio(reader: Reader, run_id: str) -> pd.DataFrame:
-    """Per layer: mean over tokens of (#firing neurons / d_mlp), and sparsity = 1 − ratio."""
+    """Per layer: mean over tokens of (#firing neurons / d_mlp), and sparsity = 1 − ratio.
+
+    Read from the run's ``layer_summary`` (written at commit); a run that predates it is
+    summed from its token rows."""
     width = d_mlp(reader, run_id)
     df = reader.sql(
-        "SELECT layer, avg(n_active) / ? AS activation_ratio, count(*) AS n_tokens"
-        " FROM layer_token_stats WHERE run_id = ? GROUP BY layer ORDER BY layer",
+        "SELECT layer, sum(n_active) / sum(n_tokens) / ? AS activation_ratio,"
+        " sum(n_tokens) AS n_tokens FROM layer_summary WHERE run_id = ?"
+        " GROUP BY layer ORDER BY layer",
         [width, run_id],
     )
+    if df.empty:
+        df = reader.sql(
+            "SELECT layer, avg(n_active) / ? AS activation_ratio, count(*) AS n_tokens"
+            " FROM layer_token_stats WHERE run_id = ? GROUP BY layer ORDER BY layer",
+            [width, run_id],
+        )
     df["sparsity"] = 1.0 - df["activation_ratio"]
     return df
 

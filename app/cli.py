@@ -36,10 +36,16 @@ DEFAULT_DEMO_STORE = Path("stores/demo")
 DEMO_TOKENS = 100_000  # METHODS.md §3: dead neurons over at least 10^5 tokens
 
 StoreOpt = typer.Option(..., "--store", help="Store folder (created by the first probe).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda[:N].")
+DtypeOpt = typer.Option(
+    "auto", "--dtype", help="auto (the checkpoint's on a GPU, float32 on a CPU), float32,"
+    " bfloat16 or float16.",
+)  # fmt: skip
 FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}.")
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from sparsescope.probes.codes import CodesError
     from sparsescope.probes.data import DataError
     from sparsescope.probes.models import ModelError
     from sparsescope.probes.sae import SaeError
@@ -47,7 +53,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from sparsescope.store.console import SqlRefused
     from sparsescope.store.errors import StoreError
 
-    return StoreError, DataError, ModelError, SqlRefused, ZooError, SaeError
+    return StoreError, DataError, ModelError, SqlRefused, ZooError, SaeError, CodesError
 
 
 def one_line_errors(fn):
@@ -83,7 +89,14 @@ def probe(
     max_tokens: int = typer.Option(100_000, "--max-tokens", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=2),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    codes: str = typer.Option(
+        "auto",
+        "--codes",
+        help="Hash codes to keep: auto (all when they fit in 2 kB/token, else every:K),"
+        " all, none, every:K (every K-th sequence) or layers:L1,L2.",
+    ),
     name: str = typer.Option(None, "--name", help="A name for the run."),
     sae: list[Path] = typer.Option(
         [], "--sae", help="A SAELens-format SAE folder to probe too (repeatable)."
@@ -117,6 +130,8 @@ def probe(
         seq_len=seq_len,
         batch_size=batch_size,
         device=device,
+        dtype=dtype,
+        codes=codes,
         saes=[str(p) for p in sae],
         sparsify=sparsify,
     )
@@ -215,8 +230,11 @@ def demo(
     """
     from sparsescope.analysis.zoo_laws import analyze_zoo
     from sparsescope.probes.job import ProbeConfig, run_probe
+    from sparsescope.store.catalog import init_store, is_store
 
     start = time.perf_counter()
+    if is_store(store):
+        init_store(store)  # a store of an older SparseScope is upgraded first
     if not _has_run(store, "laws", None) or not _has_run(store, "probe", "zoo:%"):
         analyze_zoo(store, "tiny")
     if not _has_run(store, "probe", "minilm", DEMO_TOKENS):
@@ -275,29 +293,62 @@ def store_gc(store: Path = StoreOpt):
     )
 
 
+@store_app.command("upgrade")
+@one_line_errors
+def store_upgrade(store: Path = StoreOpt):
+    """Bring a store written by an older SparseScope to this one's schema."""
+    from sparsescope.store.catalog import find_store, init_store
+
+    init_store(find_store(store))
+    typer.echo(f"store {store} is up to date")
+
+
 @bench_app.command("probe")
 @one_line_errors
 def bench_probe_cmd(
-    model: str = typer.Option("minilm", "--model"),
+    model: str = typer.Option(
+        "minilm", "--model", help="A model spec, e.g. minilm or synthetic:llama-3-8b[:layers]."
+    ),
     data: str = typer.Option("stdlib-docs", "--data"),
     tokens: int = typer.Option(32_768, "--tokens", min=1),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=2),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Interleaved runs; best of each."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    codes: str = typer.Option("auto", "--codes", help="As for probe."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
-    """Probe throughput (all probes, writing a store) / bare HF forward throughput."""
+    """Probe throughput (all probes, writing a store) / bare HF forward throughput, peak RSS,
+    bytes stored and bytes moved to the host per token."""
+    import json
+
     from sparsescope.probes.bench import bench_probe
     from sparsescope.probes.job import ProbeConfig
 
     def report(i: int, bare_s: float, probe_s: float) -> None:
         typer.echo(f"run {i}/{repeats}: bare {bare_s:.2f} s, probe {probe_s:.2f} s")
 
-    config = ProbeConfig(batch_size=batch_size, seq_len=seq_len)
+    config = ProbeConfig(
+        batch_size=batch_size, seq_len=seq_len, device=device, dtype=dtype, codes=codes
+    )
     r = bench_probe(model, data, tokens, config, repeats, report)
-    typer.echo(f"{r['model']}: {r['tokens']} tokens, batches of {r['batch_size']} x {r['seq_len']}")
+    stored = r["stored_bytes_per_token"]
+    typer.echo(
+        f"{r['model']} on {r['device']} ({r['dtype']}, codes {r['codes']}): {r['tokens']} tokens,"
+        f" batches of {r['batch_size']} x {r['seq_len']}"
+    )
     typer.echo(f"bare HF forward : {r['bare_tok_s']:9.0f} tokens/s")
     typer.echo(f"probe (all, store): {r['probe_tok_s']:7.0f} tokens/s")
     typer.echo(f"ratio probe/bare : {r['ratio']:.3f}")
+    typer.echo(f"peak RSS while probing: {r['peak_rss_mb']:.0f} MiB")
+    typer.echo(
+        f"stored: {sum(stored.values()):.0f} B/token ("
+        + ", ".join(f"{t} {b:.0f}" for t, b in stored.items())
+        + f"); moved to host: {r['host_bytes_per_token']:.0f} B/token"
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps(r, indent=1))
 
 
 app.command("sparsify-eval")(sparsify_eval)

@@ -58,14 +58,16 @@ def sparsify_eval(
     store: Path = typer.Option(..., "--store", help="Store folder."),
     tokens: int = typer.Option(4096, "--tokens", min=2, help="Held-out tokens."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", min=2, help="Calibration tokens."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda."),
 ):
     """Perplexity (or embedding) change, achieved sparsity and the model-level speed ceiling
     1/ρ of batch-1 decoding, per method x target."""
     from sparsescope.analysis.sparsify_eval import EvalConfig, run_sparsify_eval
 
     plan = [m.strip() for m in methods.split(",") if m.strip()]
-    cfg = EvalConfig(tokens=tokens, calib_tokens=calib_tokens, device=device)
+    from sparsescope.probes.models import resolve_device
+
+    cfg = EvalConfig(tokens=tokens, calib_tokens=calib_tokens, device=resolve_device(device))
     start = time.perf_counter()
 
     def report(r: dict) -> None:

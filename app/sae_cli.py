@@ -34,13 +34,13 @@ def train(
     out: Annotated[
         Path | None, typer.Option(help="SAE folder [default: <store>/saes/<sae_id>].")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a SAE on streamed activations (a rerun with the same options resumes)."""
     from sparsescope.analysis.sae_train import TrainConfig, TrainError, train_sae
     from sparsescope.probes.data import DataError
-    from sparsescope.probes.models import ModelError
+    from sparsescope.probes.models import ModelError, resolve_device
     from sparsescope.probes.sae import SaeError
     from sparsescope.store.errors import StoreError
 
@@ -52,7 +52,7 @@ def train(
         model, hook, data, arch, k=k, expansion=expansion, tokens=tokens, beta=beta, lr=lr
     )
     try:
-        row = train_sae(cfg, store, out, device, quiet)
+        row = train_sae(cfg, store, out, resolve_device(device), quiet)
     except (TrainError, DataError, ModelError, SaeError, StoreError) as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

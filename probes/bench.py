@@ -1,15 +1,20 @@
 """Probe throughput benchmark: probing (all probes, writing a store) vs a bare forward.
 
-Both sides run in one process on the same token batches; the bare side is the
-plain Hugging Face ``AutoModel`` forward of the same checkpoint with no hooks,
-which is what a user would otherwise run. Model loading is excluded from both.
+Both sides run in one process on the same token batches; the bare side is the plain
+Hugging Face ``AutoModel`` forward of the same checkpoint (for ``synthetic:`` specs, the
+same random weights) with no hooks, which is what a user would otherwise run. Model loading
+is excluded from both. Besides the ratio it reports what a probe costs in memory and bytes:
+peak RSS while probing, bytes stored per token (per table) and bytes moved device -> host.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,19 +22,68 @@ import torch
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
 from sparsescope.probes.job import ProbeConfig, probe_model
-from sparsescope.probes.models import load_model
+from sparsescope.probes.models import LoadedModel, load_model
+
+_RSS_INTERVAL_S = 0.02
 
 
-def _bare_forward(path: str, token_batches: list, device: str) -> float:
+def _rss() -> int:
+    """Resident set size of this process in bytes (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict]:
+    """Sample the RSS while the block runs; ``result["peak"]`` is the largest seen."""
+    result, done = {"peak": _rss()}, threading.Event()
+
+    def sample() -> None:
+        while not done.wait(_RSS_INTERVAL_S):
+            result["peak"] = max(result["peak"], _rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result["peak"] = max(result["peak"], _rss())
+
+
+def _bare_model(model: LoadedModel):
+    if model.info.get("source") == "synthetic":
+        from sparsescope.probes import synthetic
+
+        return synthetic.build(model.model_id, model.dtype, causal_lm=False).to(model.device)
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path).to(device).eval()
+    return AutoModel.from_pretrained(model.info["path"], dtype=model.dtype).to(model.device).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bare_forward(bare, token_batches: list, device: torch.device) -> float:
     with torch.inference_mode():
-        model(input_ids=token_batches[0].input_ids[:1].to(device))  # warm-up
+        bare(input_ids=token_batches[0].input_ids[:1].to(device))  # warm-up
+        _sync(device)
         start = time.perf_counter()
         for batch in token_batches:
-            model(input_ids=batch.input_ids.to(device))
+            bare(input_ids=batch.input_ids.to(device))
+        _sync(device)
         return time.perf_counter() - start
+
+
+def _store_bytes(store: Path) -> dict[str, int]:
+    """Bytes of each data table's Parquet files."""
+    return {
+        table.name: sum(f.stat().st_size for f in table.rglob("*.parquet"))
+        for table in sorted((store / "data").iterdir())
+    }
 
 
 def bench_probe(
@@ -41,32 +95,47 @@ def bench_probe(
     report: Callable[[int, float, float], None] | None = None,
 ) -> dict:
     """Return tokens/s of both sides and their ratio (best of ``repeats`` each, interleaved;
-    ``report(i, bare_s, probe_s)`` after each repeat)."""
+    ``report(i, bare_s, probe_s)`` after each repeat), the peak RSS while probing, bytes
+    stored per token and bytes moved to the host per token."""
     config = config or ProbeConfig(max_tokens=tokens)
     config.max_tokens = tokens
-    model = load_model(model_spec, config.device)
-    token_batches = list(
-        batches(
-            model.tokenizer, data_sources.documents(data), config.seq_len, config.batch_size, tokens
-        )
-    )
+    model = load_model(model_spec, config.device, config.dtype)
+    docs = data_sources.documents(data)
+    token_batches = list(batches(model.tokenizer, docs, config.seq_len, config.batch_size, tokens))
     n = sum(b.input_ids.numel() for b in token_batches)
-    bare_times, probe_times = [], []
+    bare = _bare_model(model)
+    bare_times, probe_times, peaks = [], [], []
     for _ in range(repeats):  # interleaved, so that load from elsewhere hits both sides alike
-        bare_times.append(_bare_forward(model.info["path"], token_batches, config.device))
-        with tempfile.TemporaryDirectory() as tmp:
+        bare_times.append(_bare_forward(bare, token_batches, model.device))
+        with tempfile.TemporaryDirectory() as tmp, peak_rss() as rss:
+            store = Path(tmp) / "store"
+            _sync(model.device)
             start = time.perf_counter()
-            probe_model(model, data, Path(tmp) / "store", config, quiet=True)
+            run_id = probe_model(model, data, store, config, quiet=True)
+            _sync(model.device)
             probe_times.append(time.perf_counter() - start)
+            stored = _store_bytes(store)
+            from sparsescope.store.reader import Reader
+
+            settings = json.loads(
+                Reader(store).sql("SELECT config FROM runs WHERE run_id = ?", [run_id]).iloc[0, 0]
+            )
+        peaks.append(rss["peak"])
         if report:
             report(len(bare_times), bare_times[-1], probe_times[-1])
-    bare, probe = min(bare_times), min(probe_times)
+    best_bare, best_probe = min(bare_times), min(probe_times)
     return {
         "model": model_spec,
+        "device": str(model.device),
+        "dtype": settings["dtype"],
+        "codes": settings["codes"],
         "tokens": n,
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
-        "bare_tok_s": n / bare,
-        "probe_tok_s": n / probe,
-        "ratio": bare / probe,
+        "bare_tok_s": n / best_bare,
+        "probe_tok_s": n / best_probe,
+        "ratio": best_bare / best_probe,
+        "peak_rss_mb": max(peaks) / 2**20,
+        "stored_bytes_per_token": {t: b / n for t, b in stored.items()},
+        "host_bytes_per_token": settings["host_bytes"] / n,
     }

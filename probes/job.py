@@ -15,9 +15,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import Batch, batches
+from sparsescope.probes.codes import CodePolicy, parse_codes
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.mlp_probe import MlpProbe
-from sparsescope.probes.models import LoadedModel, ModelError, load_model
+from sparsescope.probes.models import (
+    LoadedModel,
+    ModelError,
+    check_dtype,
+    load_model,
+    resolve_device,
+)
 from sparsescope.probes.sae import load_sae, register_sae, sae_id_of
 from sparsescope.probes.sae_probe import SaeProbe
 from sparsescope.probes.sparsified import parse_sparsify, sparsified
@@ -29,7 +36,9 @@ class ProbeConfig:
     max_tokens: int | None = 100_000  # dead neurons need N ≥ 10^5 tokens (METHODS.md §3)
     seq_len: int = 128
     batch_size: int = 16
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
+    codes: str = "auto"  # which hash codes to keep (probes.codes)
     top_k: int = 20
     saes: list[str] = field(default_factory=list)  # SAELens-format folders to probe too
     sparsify: str | None = None  # METHOD:TARGET: probe the model running sparse
@@ -82,33 +91,54 @@ def _hook_widths(model: LoadedModel, names: list[str], device: str) -> dict[str,
 
 
 def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeProbe]]:
-    saes = [(path, load_sae(path, config.device)) for path in config.saes]
+    saes = [(path, load_sae(path, model.device)) for path in config.saes]
     for path, sae in saes:
         if sae.hook_name not in model.bridge.hook_dict:
             raise ModelError(f"SAE {path} hooks {sae.hook_name}, which {model.model_id} lacks")
-    widths = _hook_widths(model, [sae.hook_name for _, sae in saes], config.device) if saes else {}
+    widths = _hook_widths(model, [sae.hook_name for _, sae in saes], model.device) if saes else {}
     for path, sae in saes:
         if widths.get(sae.hook_name) != sae.d_in:
             raise ModelError(
                 f"SAE {path} reads {sae.d_in} values at {sae.hook_name}, where "
                 f"{model.model_id} has {widths.get(sae.hook_name)}: it was made for another model"
             )
-    return [(path, SaeProbe(sae, sae_id_of(path), config.device)) for path, sae in saes]
+    return [(path, SaeProbe(sae, sae_id_of(path), model.device)) for path, sae in saes]
+
+
+def code_policy(model: LoadedModel, config: ProbeConfig) -> CodePolicy:
+    return parse_codes(config.codes, model.n_layers, model.d_mlp)
 
 
 def make_probes(model: LoadedModel, config: ProbeConfig) -> tuple[list, list[tuple[str, SaeProbe]]]:
-    """The probes of a job: the MLP probe, then one per SAE; and the (path, probe) SAE pairs."""
+    """The probes of a job: the MLP probe, then one per SAE; and the (path, probe) SAE pairs.
+
+    The MLP probe computes its statistics where the model runs: on the host (numba) for a
+    CPU model, else on the model's device."""
     saes = _sae_probes(model, config)
-    probes = [MlpProbe(model.n_layers, model.d_mlp, model.gated, config.top_k)]
-    return probes + [probe for _, probe in saes], saes
+    stats_device = None if model.device.type == "cpu" else model.device
+    mlp = MlpProbe(
+        model.n_layers, model.d_mlp, model.gated, config.top_k, code_policy(model, config),
+        stats_device,
+    )  # fmt: skip
+    return [mlp] + [probe for _, probe in saes], saes
 
 
-def run_config(config: ProbeConfig, with_saes: bool, **extra) -> dict:
-    """The config JSON of a probe run: the settings and the tables it writes."""
+def resolved_settings(model: LoadedModel, config: ProbeConfig) -> dict:
+    """The device, dtype and code policy a job's ``auto`` settings became for ``model``."""
+    return {
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "codes": code_policy(model, config).spec,
+    }
+
+
+def run_config(config: ProbeConfig, with_saes: bool, resolved: dict, **extra) -> dict:
+    """The config JSON of a probe run: the settings (``resolved``: see ``resolved_settings``)
+    and the tables it writes."""
     tables = ["tokens", "layer_token_stats", "neuron_stats", "neuron_top", "hash_codes"]
     if with_saes:
         tables += ["sae_feature_acts", "sae_feature_stats"]
-    return {**asdict(config), "probes": tables, **extra}
+    return {**asdict(config), **resolved, "probes": tables, **extra}
 
 
 def seq_len_of(model: LoadedModel, config: ProbeConfig) -> int:
@@ -143,7 +173,7 @@ def probe_batch(
     batch: Batch,
     names: TokenNames,
     write: Callable[[str, object], None],
-    device: str,
+    device: torch.device,
 ) -> int:
     """Run one batch inside ``probing``; write its token rows; returns its token count."""
     ids = batch.input_ids
@@ -188,19 +218,28 @@ def probe_model(
     n_tokens = 0
     with ExitStack() as stack:
         writer = stack.enter_context(
-            RunWriter(store, "probe", model.model_id, data, run_config(config, bool(saes)), name)
+            RunWriter(
+                store,
+                "probe",
+                model.model_id,
+                data,
+                run_config(config, bool(saes), resolved_settings(model, config)),
+                name,
+            )
         )
         stack.enter_context(probing(model, probes, data, config))
         progress = stack.enter_context(_progress(config.max_tokens, quiet))
         task = progress.add_task("probe", total=config.max_tokens)
         for batch in model_batches(model, data, config):
-            size = probe_batch(model, probes, batch, names, writer.write, config.device)
+            size = probe_batch(model, probes, batch, names, writer.write, model.device)
             n_tokens += size
             progress.update(task, advance=size)
         if n_tokens == 0:
             raise data_sources.DataError(f"data {data!r} gave no tokens")
         write_final(probes, writer.write)
-        run_id = writer.commit(n_tokens, models=[model.info])
+        moved = {"host_bytes": probes[0].host_bytes}  # device -> host, by the MLP probe
+        settings = run_config(config, bool(saes), resolved_settings(model, config) | moved)
+        run_id = writer.commit(n_tokens, models=[model.info], config=settings)
     for path, probe in saes:
         register_sae(store, probe.sae_id, probe.sae, model.model_id, Path(path))
     return run_id
@@ -213,6 +252,9 @@ def model_specs(model_spec: str, data: str, config: ProbeConfig) -> list[str]:
     data_sources.validate(data)
     if config.sparsify:
         parse_sparsify(config.sparsify)
+    parse_codes(config.codes, n_layers=1 << 20, d_mlp=8)  # the syntax; layers are checked later
+    resolve_device(config.device)
+    check_dtype(config.dtype)
     return expand(model_spec)
 
 
@@ -227,7 +269,7 @@ def run_probe(
     """Validate inputs, then probe every model the spec names; returns the run ids."""
     run_ids = []
     for spec in model_specs(model_spec, data, config):
-        model = load_model(spec, config.device)
+        model = load_model(spec, config.device, config.dtype)
         start = time.perf_counter()
         run_ids.append(probe_model(model, data, store, config, name, quiet))
         if not quiet:

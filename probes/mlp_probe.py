@@ -1,9 +1,13 @@
 """The MLP probe: hooks on every layer's hidden activation, streaming statistics.
 
-Per batch it emits Arrow rows for ``layer_token_stats`` and ``hash_codes``; over
-the run it accumulates mergeable ``neuron_stats`` and the per-neuron top
-contexts (``neuron_top``, a bounded top-k). The statistics are computed on the host by
-the numba kernels of ``mlp_stats``, one read of the activations per direction.
+Per batch it emits Arrow rows for ``layer_token_stats`` and ``hash_codes`` (those the
+``CodePolicy`` keeps); over the run it accumulates mergeable ``neuron_stats`` and the
+per-neuron top contexts (``neuron_top``, a bounded top-k). Where the statistics run:
+
+- model on a CPU: the activations are read once per direction by the numba kernels of
+  ``mlp_stats``, after the forward pass, on a thread pool (faster there than torch);
+- model on another device (CUDA): ``device_stats`` computes them in torch on that device as
+  each layer's activation appears, and only the results cross to the host.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sparsescope.probes import device_stats
 from sparsescope.probes.activity import code64, firing_source
+from sparsescope.probes.codes import CodePolicy
 from sparsescope.probes.mlp_stats import neuron_columns, token_rows
 
 TOP_K = 20
@@ -68,24 +74,48 @@ def _host(tensor: torch.Tensor, d: int) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().reshape(-1, d).float().cpu().numpy())
 
 
-class MlpProbe:
-    """Streaming firing statistics of every MLP layer."""
+STATE = ("n_active", "sum", "sum_sq", "max", "top_val", "top_key")
 
-    def __init__(self, n_layers: int, d_mlp: int, gated: bool, top_k: int = TOP_K):
+
+class MlpProbe:
+    """Streaming firing statistics of every MLP layer.
+
+    ``stats_device``: None computes on the host (numba); a torch device computes there."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_mlp: int,
+        gated: bool,
+        top_k: int = TOP_K,
+        codes: CodePolicy = CodePolicy(),
+        stats_device: torch.device | str | None = None,
+    ):
         self.n_layers, self.d_mlp, self.gated, self.top_k = n_layers, d_mlp, gated, top_k
-        _reuse_freed_memory()
+        self.codes = codes
+        self.stats_device = torch.device(stats_device) if stats_device is not None else None
         self.n_tokens = 0
-        shape = (n_layers, d_mlp)
-        self.n_active = np.zeros(shape, dtype=np.int64)
-        self.sum = np.zeros(shape, dtype=np.float64)
-        self.sum_sq = np.zeros(shape, dtype=np.float64)
-        self.max = np.full(shape, -np.inf, dtype=np.float32)
-        # per layer and neuron, the k best values (descending) and their token keys: [L, D, K]
-        self.top_val = np.full((n_layers, d_mlp, top_k), -np.inf, dtype=np.float32)
-        self.top_key = np.full((n_layers, d_mlp, top_k), -1, dtype=np.int64)
-        self._gate: dict[int, np.ndarray] = {}
+        self.host_bytes = 0  # bytes the device path moved to the host (0 on the host path)
+        if self.stats_device is None:
+            _reuse_freed_memory()
+            shape = (n_layers, d_mlp)
+            self.n_active = np.zeros(shape, dtype=np.int64)
+            self.sum = np.zeros(shape, dtype=np.float64)
+            self.sum_sq = np.zeros(shape, dtype=np.float64)
+            self.max = np.full(shape, -np.inf, dtype=np.float32)
+            # per layer and neuron, the k best values (descending) and their token keys
+            self.top_val = np.full((n_layers, d_mlp, top_k), -np.inf, dtype=np.float32)
+            self.top_key = np.full((n_layers, d_mlp, top_k), -1, dtype=np.int64)
+        else:
+            acc = device_stats.accumulators(n_layers, d_mlp, top_k, self.stats_device)
+            for name in STATE:
+                setattr(self, name, acc[name])
+        self._gate: dict[int, object] = {}
         self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        self._device_rows: list[tuple[int, dict[str, torch.Tensor]]] = []
         self._keys = np.zeros(0, dtype=np.int64)
+        self._device_keys = torch.zeros(0, dtype=torch.int64)
+        self._code_rows: np.ndarray | None = None  # token rows whose codes are kept; None: all
         self._seq = np.zeros(0, dtype=np.int64)
         self._pos = np.zeros(0, dtype=np.int32)
         self.rows: dict[str, list[pa.RecordBatch]] = {"layer_token_stats": [], "hash_codes": []}
@@ -100,31 +130,63 @@ class MlpProbe:
             out.append((post, self._post_hook(layer)))
         return out
 
+    def _flat(self, tensor: torch.Tensor):
+        """A hooked activation as float32 [tokens, d_mlp]: a host array or a device tensor."""
+        if self.stats_device is None:
+            return _host(tensor, self.d_mlp)
+        return tensor.detach().reshape(-1, self.d_mlp).float()
+
     def _gate_hook(self, layer: int) -> Callable:
         def hook(tensor, hook):
-            self._gate[layer] = _host(tensor, self.d_mlp)
+            self._gate[layer] = self._flat(tensor)
 
         return hook
 
     def _post_hook(self, layer: int) -> Callable:
         def hook(tensor, hook):  # keeps a view: models do not modify activations in place
-            self._pending.append((layer, _host(tensor, self.d_mlp), self._gate.pop(layer, None)))
+            values, gate = self._flat(tensor), self._gate.pop(layer, None)
+            if self.stats_device is None:
+                self._pending.append((layer, values, gate))
+            else:
+                self._device_layer(layer, values, gate)
 
         return hook
+
+    def _device_layer(self, layer: int, values: torch.Tensor, gate: torch.Tensor | None) -> None:
+        """Statistics of one layer on the device, as soon as its activation is there."""
+        fires = firing_source(values, gate) > 0
+        rows = device_stats.token_rows(values, fires)
+        if self.codes.keeps_layer(layer):
+            kept = fires if self._code_rows is None else fires[self._device_code_rows]
+            rows["packed"] = device_stats.pack_bits(kept)
+        self._device_rows.append((layer, rows))
+        acc = {name: getattr(self, name) for name in STATE}
+        device_stats.accumulate(acc, layer, values, fires, self._device_keys)
 
     def start_batch(self, seq_ids: list[int], seq_len: int) -> None:
         self._compute_pending()  # of the previous batch, whose token keys are still set
         self._seq = np.repeat(np.asarray(seq_ids, dtype=np.int64), seq_len)
         self._pos = np.tile(np.arange(seq_len, dtype=np.int32), len(seq_ids))
         self._keys = (self._seq << _POS_BITS) | self._pos
+        mask = self.codes.token_mask(self._seq)
+        self._code_rows = None if mask is None else np.flatnonzero(mask)
+        if self.stats_device is not None:
+            self._device_keys = torch.from_numpy(self._keys).to(self.stats_device)
+            if self._code_rows is not None:
+                self._device_code_rows = torch.from_numpy(self._code_rows).to(self.stats_device)
         self.n_tokens += len(self._seq)
 
     def _compute_pending(self) -> None:
         """Statistics of the layers whose activations the hooks kept since the last call.
 
-        They run after the forward pass, the token and neuron ranges of all layers at once
-        on the thread pool, so that torch's threads (which spin a while after each op) no
-        longer compete with them for the cores."""
+        Host path: they run after the forward pass, the token and neuron ranges of all layers
+        at once on the thread pool, so that torch's threads (which spin a while after each op)
+        no longer compete with them for the cores. Device path: the results computed in the
+        hooks come to the host, one transfer per array."""
+        device_rows, self._device_rows = self._device_rows, []
+        for layer, rows in device_rows:
+            self.host_bytes += sum(t.nbytes for t in rows.values())
+            self._add_rows(layer, **{name: t.cpu().numpy() for name, t in rows.items()})
         pending, self._pending = self._pending, []
         columns = (self.n_active, self.sum, self.sum_sq, self.max, self.top_val, self.top_key)
         tasks, outputs = [], []
@@ -150,10 +212,14 @@ class MlpProbe:
         for task in tasks:
             task.result()
         for layer, out in outputs:
+            if not self.codes.keeps_layer(layer):
+                del out["packed"]
+            elif self._code_rows is not None:
+                out["packed"] = out["packed"][self._code_rows]
             self._add_rows(layer, **out)
 
-    def _add_rows(self, layer: int, packed, n_active, l1, max_abs) -> None:
-        layer_col = np.full(len(packed), layer, dtype=np.int16)
+    def _add_rows(self, layer: int, n_active, l1, max_abs, packed=None) -> None:
+        layer_col = np.full(len(n_active), layer, dtype=np.int16)
         self.rows["layer_token_stats"].append(
             pa.record_batch(
                 {
@@ -166,19 +232,22 @@ class MlpProbe:
                 }
             )
         )
+        if packed is None or len(packed) == 0:
+            return
+        rows = slice(None) if self._code_rows is None else self._code_rows
         self.rows["hash_codes"].append(
             pa.record_batch(
                 {
-                    "seq_id": self._seq,
-                    "pos": self._pos,
-                    "layer": layer_col,
+                    "seq_id": self._seq[rows],
+                    "pos": self._pos[rows],
+                    "layer": layer_col[: len(packed)],
                     "code": pa.FixedSizeBinaryArray.from_buffers(
                         pa.binary(packed.shape[1]),
                         len(packed),
-                        [None, pa.py_buffer(packed.tobytes())],
+                        [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())],
                     ).cast(pa.binary()),
                     "code64": code64(packed),
-                    "n_active": n_active,
+                    "n_active": n_active[rows],
                 }
             )
         )
@@ -191,6 +260,11 @@ class MlpProbe:
 
     def final_tables(self) -> dict[str, pa.Table]:
         self._compute_pending()
+        if self.stats_device is not None:  # the accumulators come to the host once
+            for name in STATE:
+                self.host_bytes += getattr(self, name).nbytes
+                setattr(self, name, getattr(self, name).cpu().numpy())
+            self.stats_device = None
         return {"neuron_stats": self.neuron_stats(), "neuron_top": self.neuron_top()}
 
     def neuron_stats(self) -> pa.Table:

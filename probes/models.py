@@ -1,12 +1,14 @@
 """Model loading through TransformerLens's ``TransformerBridge``.
 
 A model spec is ``minilm`` (the offline all-MiniLM-L6-v2 package), ``zoo:<name>``
-or ``zoo:<name>@<step>`` (the built-in zoo), a local Hugging Face folder, or a
+or ``zoo:<name>@<step>`` (the built-in zoo), ``synthetic:<shape>[:<layers>]`` (random
+weights at a real model's widths, for benchmarks), a local Hugging Face folder, or a
 Hub name ``org/name`` (the only spec that may reach the network).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,15 @@ class LoadedModel:
     @property
     def n_ctx(self) -> int:
         return int(self.bridge.cfg.n_ctx)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (and where probes compute their statistics)."""
+        return next(self.bridge.original_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.bridge.original_model.parameters()).dtype
 
     @property
     def gated(self) -> bool:
@@ -126,6 +137,14 @@ def _locate(spec: str) -> tuple[str, dict]:
     """Return (path or hub name, extra models-table fields) for a spec."""
     if spec == "minilm":
         return str(minilm_path()), {"source": "minilm", "family": "minilm"}
+    if spec.startswith("synthetic:"):
+        from sparsescope.probes import synthetic
+
+        try:
+            where = synthetic.folder(spec)
+        except synthetic.SyntheticError as err:
+            raise ModelError(str(err)) from None
+        return str(where), {"source": "synthetic", "family": synthetic.parse(spec)[0]}
     if spec.startswith("zoo:"):
         from sparsescope.probes import zoo
 
@@ -147,9 +166,44 @@ def _locate(spec: str) -> tuple[str, dict]:
     )
 
 
-def load_model(spec: str, device: str = "cpu") -> LoadedModel:
-    """Load a model spec as a TransformerBridge in eval mode."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; others are checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or (device.partition(":")[0] == "cuda" and torch.cuda.is_available()):
+        return device
+    raise ModelError(f"--device {device!r}: use auto, cpu, or cuda[:N] on a machine with CUDA")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def resolve_dtype(dtype: str, device: str, where: str) -> torch.dtype:
+    """``auto``: the checkpoint's dtype (``torch_dtype`` of its config.json) on a GPU,
+    float32 on a CPU; statistics accumulate in float32/float64 whatever the model's dtype."""
+    if check_dtype(dtype) != "auto":
+        return DTYPES[dtype]
+    if device == "cpu":
+        return torch.float32
+    try:
+        config = json.loads((Path(where) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")), torch.float32)
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a model spec as a TransformerBridge in eval mode, on ``device`` in ``dtype``
+    (``auto``: see ``resolve_device`` and ``resolve_dtype``)."""
     where, extra = _locate(spec)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device, where)
     if extra["source"] != "hub":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
@@ -157,8 +211,15 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hf_model = None
+    if extra["source"] == "synthetic":
+        from sparsescope.probes import synthetic
+
+        hf_model = synthetic.build(spec, torch_dtype)
     try:
-        bridge = TransformerBridge.boot_transformers(where, device=device)
+        bridge = TransformerBridge.boot_transformers(
+            where, device=device, dtype=torch_dtype, hf_model=hf_model
+        )
     except Exception as err:  # the bridge raises many types; report one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load model {spec!r}: {first}") from None

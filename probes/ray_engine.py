@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from sparsescope.probes.codes import CodesError
 from sparsescope.probes.data import DataError
 from sparsescope.probes.job import (
     ProbeConfig,
@@ -34,6 +35,7 @@ from sparsescope.probes.job import (
     model_specs,
     probe_batch,
     probing,
+    resolved_settings,
     run_config,
     write_final,
 )
@@ -50,7 +52,13 @@ CRASH_ENV = "SPARSESCOPE_RAY_CRASH"  # "<shard>:<attempt>": that worker dies aft
 ENV_PREFIX = "SPARSESCOPE_"  # environment variables forwarded to the workers
 SUM_FIELDS = ("n_tokens", "n_active", "sum", "sum_sq")
 STATE_FIELDS = (*SUM_FIELDS, "max", "top_val", "top_key")
-BAD_INPUT = (ModelError, DataError, SaeError, StoreError)  # not retried: a retry fails the same
+BAD_INPUT = (
+    ModelError,
+    DataError,
+    SaeError,
+    StoreError,
+    CodesError,
+)  # not retried: a retry fails the same
 
 
 class EngineError(RuntimeError):
@@ -109,7 +117,7 @@ class ShardWorker:
     def probe(self, data: str, folder: str, shard: int, n_shards: int, attempt: int) -> dict:
         config = self.config
         if self.model is None:
-            self.model = load_model(self.model_spec, config.device)
+            self.model = load_model(self.model_spec, config.device, config.dtype)
         model = self.model
         probes, _ = make_probes(model, config)
         parts = PartWriter(Path(folder))
@@ -120,7 +128,7 @@ class ShardWorker:
             for i, batch in enumerate(model_batches(model, data, config)):
                 stream_tokens += batch.input_ids.numel()
                 if i % n_shards == shard:
-                    n_tokens += probe_batch(model, probes, batch, names, parts.write, config.device)
+                    n_tokens += probe_batch(model, probes, batch, names, parts.write, model.device)
                     if crash:
                         parts.flush_all()  # leave a partial attempt behind, as a real crash may
                         os._exit(1)
@@ -131,6 +139,7 @@ class ShardWorker:
             "rows": parts.rows,
             "states": [probe_state(p) for p in probes],
             "info": model.info,
+            "settings": resolved_settings(model, config),
         }
 
 
@@ -238,7 +247,7 @@ def probe_on_ray(
     extra = {"engine": "ray", "workers": n}
     with (
         RunWriter(
-            store, "probe", spec, data, run_config(config, bool(config.saes), **extra), name
+            store, "probe", spec, data, run_config(config, bool(config.saes), {}, **extra), name
         ) as writer,
         Progress(disable=quiet) as progress,
     ):
@@ -255,7 +264,8 @@ def probe_on_ray(
             raise DataError(f"data {data!r} gave no tokens")
         probes = _merged_probes(config, results)
         write_final(probes, writer.write)
-        run_id = writer.commit(n_tokens, models=[results[0]["info"]])
+        settings = run_config(config, bool(config.saes), results[0]["settings"], **extra)
+        run_id = writer.commit(n_tokens, models=[results[0]["info"]], config=settings)
     for path, probe in zip(config.saes, probes[1:], strict=True):
         register_sae(store, probe.sae_id, probe.sae, spec, Path(path))
     return run_id

@@ -64,8 +64,9 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] or 0
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> int:
-    """Apply pending migrations in one transaction; returns the new version."""
+def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> int:
+    """Apply pending migrations to the store at ``root`` in one catalog transaction;
+    returns the new version."""
     current = schema_version(con)
     if current > SCHEMA_VERSION:
         raise StoreError(
@@ -77,7 +78,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
     if current == 0:
         con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
     for version in range(current + 1, SCHEMA_VERSION + 1):
-        MIGRATIONS[version](con)
+        MIGRATIONS[version](con, root)
         con.execute("INSERT INTO schema_version VALUES (?, now())", [version])
     con.execute("COMMIT")
     return SCHEMA_VERSION
@@ -116,6 +117,12 @@ def open_readable(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     if version > SCHEMA_VERSION:
         stack.close()
         raise StoreError(f"store {root} has schema v{version}, newer than this SparseScope's")
+    if version < SCHEMA_VERSION:
+        stack.close()
+        raise StoreError(
+            f"store {root} has schema v{version}: upgrade it to v{SCHEMA_VERSION} with"
+            f" `sparsescope store upgrade --store {root}`"
+        )
     with stack:
         yield con
 
@@ -150,7 +157,7 @@ def init_store(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     try:
         with connect(root) as con:  # the catalog first: a bad one leaves the folder as it was
-            migrate(con)
+            migrate(con, root)
     except StoreError as err:
         raise StoreError(f"{root} is not a SparseScope store: {err}") from None
     for sub in ("data", "staging"):

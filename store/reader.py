@@ -74,11 +74,11 @@ class Reader:
             f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} WHERE run_id IN ({complete})"
         )
 
-    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+    def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
         """Run a query on a fresh cursor (safe to share the reader across threads)."""
         return self.con.cursor().execute(query, params or []).df()
 
-    def arrow(self, query: str, params: list | None = None) -> pa.Table:
+    def arrow(self, query: str, params: list | dict | None = None) -> pa.Table:
         return self.con.cursor().sql(query, params=params).to_arrow_table()
 
     def disk_bytes(self) -> int:

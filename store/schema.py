@@ -8,11 +8,12 @@ name (hive partitioning), so the Arrow schemas below leave it out.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 CATALOG_DDL = {
     "runs": """
@@ -47,6 +48,16 @@ DATA_TABLES: dict[str, pa.Schema] = {
             ("layer", pa.int16()),
             ("n_active", pa.int32()),
             ("l1", pa.float32()),
+            ("max_abs", pa.float32()),
+        ]
+    ),
+    "layer_summary": pa.schema(  # per run and layer, written at commit (store.summaries)
+        [
+            ("layer", pa.int16()),
+            ("n_tokens", pa.int64()),
+            ("n_active", pa.int64()),
+            ("n_active_sq", pa.float64()),
+            ("l1", pa.float64()),
             ("max_abs", pa.float32()),
         ]
     ),
@@ -200,11 +211,19 @@ SORT_KEYS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def _v1(con: duckdb.DuckDBPyConnection) -> None:
+def _v1(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     for ddl in CATALOG_DDL.values():
         con.execute(ddl)
 
 
-# version -> function that brings a catalog from version-1 to version.
-# A later schema change adds an entry here; old runs are never rewritten.
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1}
+def _v2(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """Per-run summaries (``layer_summary``) for the runs published before they existed."""
+    from sparsescope.store.summaries import backfill
+
+    complete = con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()
+    backfill(root, [r[0] for r in complete])
+
+
+# version -> function that brings a store from version-1 to version (catalog connection,
+# store root). A later schema change adds an entry here; old runs are never rewritten.
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection, Path], None]] = {1: _v1, 2: _v2}

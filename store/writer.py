@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparsescope.store import catalog, gc
+from sparsescope.store import catalog, gc, summaries
 from sparsescope.store.errors import StoreError
 from sparsescope.store.schema import DATA_TABLES, SORT_KEYS
 
@@ -166,8 +166,18 @@ class RunWriter:
                 rows[table_dir.name] = rows.get(table_dir.name, 0) + n
         return rows
 
-    def commit(self, n_tokens: int | None = None, models: list[dict] | None = None) -> str:
-        """Publish the run: shards become visible together, atomically for readers."""
+    def commit(
+        self,
+        n_tokens: int | None = None,
+        models: list[dict] | None = None,
+        config: dict | None = None,
+    ) -> str:
+        """Publish the run: shards become visible together, atomically for readers.
+        ``config`` replaces the run's config JSON (settings only known once the run is done).
+        The run's summaries (``store.summaries``) are derived from its staged rows first."""
+        self._stage.flush_all()
+        for table, rows in summaries.summarize(lambda table: self.staging / table).items():
+            self._stage.write(table, rows)
         self._stage.flush_all()
         moved = []
         for table in sorted(self._stage.tables()):
@@ -190,6 +200,10 @@ class RunWriter:
                 " WHERE run_id = ?",
                 [_now(), n_tokens, self.run_id],
             )
+            if config is not None:
+                con.execute(
+                    "UPDATE runs SET config = ? WHERE run_id = ?", [json.dumps(config), self.run_id]
+                )
             con.execute("COMMIT")
         self._close()
         return self.run_id

@@ -79,14 +79,14 @@ def test_migration_hook_applies_pending_versions(tmp_path, monkeypatch):
 
     root = catalog.init_store(tmp_path / "s")
 
-    def v2(con):
+    def v3(con, root):
         con.execute("ALTER TABLE runs ADD COLUMN note VARCHAR")
 
-    monkeypatch.setattr(schema, "MIGRATIONS", {**schema.MIGRATIONS, SCHEMA_VERSION + 1: v2})
+    monkeypatch.setattr(schema, "MIGRATIONS", {**schema.MIGRATIONS, SCHEMA_VERSION + 1: v3})
     monkeypatch.setattr(catalog, "MIGRATIONS", schema.MIGRATIONS)
     monkeypatch.setattr(catalog, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with catalog.connect(root) as con:
-        assert catalog.migrate(con) == SCHEMA_VERSION + 1
+        assert catalog.migrate(con, root) == SCHEMA_VERSION + 1
         cols = [r[0] for r in con.execute("DESCRIBE runs").fetchall()]
         assert "note" in cols
 

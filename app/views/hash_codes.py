@@ -5,22 +5,24 @@ import pandas as pd
 import streamlit as st
 
 from sparsescope.analysis import hash_codes as hc
-from sparsescope.analysis.runs import d_mlp, probe_runs
+from sparsescope.analysis.runs import d_mlp, kept_codes, probe_runs
 from sparsescope.app import charts_hash
 from sparsescope.app.state import pick_run, reader
 from sparsescope.store.hamming import nearest_codes
+
+PAGE_TOKENS = 100_000  # codes of at most this many tokens are read for the summaries
 
 
 # Cached per (store root, run id); the reader argument ``_r`` is left out of the key.
 @st.cache_data(show_spinner="Reading codes…")
 def _summary(_r, root: str, run_id: str) -> pd.DataFrame:
-    _, per_layer = hc.run_codes(_r, run_id)
+    _, per_layer = hc.run_codes(_r, run_id, PAGE_TOKENS)
     return hc.summary(per_layer, d_mlp(_r, run_id))
 
 
 @st.cache_data(show_spinner="Fitting k-NN, k-means and logistic regression on codes…")
 def _categorization(_r, root: str, run_id: str) -> pd.DataFrame:
-    keys, per_layer = hc.run_codes(_r, run_id)
+    keys, per_layer = hc.run_codes(_r, run_id, PAGE_TOKENS)
     return hc.categorize_run(keys, per_layer, d_mlp(_r, run_id))
 
 
@@ -30,6 +32,18 @@ def probed_model(r) -> None:
         st.info("No complete probe runs yet: probe a model first (`sparsescope probe ...`).")
         return
     run_id = pick_run(r, runs)
+    kept = kept_codes(r, run_id)
+    if kept == "none":
+        st.info(
+            "This run kept no hash codes (`--codes none`). Probe again with `--codes all`,"
+            " `--codes every:K` or `--codes layers:L1,L2` to see them here."
+        )
+        return
+    if kept != "all":
+        st.caption(
+            f"This run kept the codes of `{kept}` (`--codes`): the numbers below are over"
+            " those tokens and layers only; `--codes all` keeps every code."
+        )
     root = str(r.root)
     summary = _summary(r, root, run_id)
     whole = summary[summary["layer"] == hc.ALL_LAYERS].iloc[0]
@@ -37,6 +51,11 @@ def probed_model(r) -> None:
     c[0].metric("Tokens", f"{int(whole['n_codes']):,}")
     c[1].metric("Distinct whole-model codes", f"{int(whole['n_unique']):,}")
     c[2].metric("Whole-model redundancy", f"{whole['redundancy']:.4f}")
+    if whole["n_codes"] >= PAGE_TOKENS * 0.9:
+        st.caption(
+            f"Over the first {int(whole['n_codes']):,} tokens with codes (whole sequences);"
+            " SQL on `hash_codes` reaches them all."
+        )
     st.plotly_chart(charts_hash.redundancy_bars(summary), width="stretch")
     st.dataframe(summary, hide_index=True, width="stretch")
     st.caption(
@@ -58,9 +77,12 @@ def probed_model(r) -> None:
     st.dataframe(hc.frequent_codes(r, run_id, layer), hide_index=True, width="stretch")
 
     st.subheader("Nearest codes")
+    every = int(kept.partition(":")[2]) if kept.startswith("every:") else 1
     n_seq = int(r.sql("SELECT max(seq_id) FROM tokens WHERE run_id = ?", [run_id]).iloc[0, 0])
     c = st.columns(3)
-    seq_id = int(c[0].number_input("Sequence", 0, n_seq, 0, key="nn_seq"))
+    seq_id = int(
+        c[0].number_input("Sequence", 0, n_seq - n_seq % every, 0, step=every, key="nn_seq")
+    )
     n_pos = int(
         r.sql("SELECT max(pos) FROM tokens WHERE run_id = ? AND seq_id = ?", [run_id, seq_id]).iloc[
             0, 0
