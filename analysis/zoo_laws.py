@@ -78,7 +78,7 @@ def ratio_over_training(reader: Reader) -> pd.DataFrame:
     return reader.sql(
         "SELECT m.family AS model, m.act_fn, m.n_layers, m.d_model, m.d_mlp, m.step,"
         " m.tokens_seen, m.val_loss, s.layer,"
-        " sum(s.n_active) / sum(s.n_tokens) / m.d_mlp AS activation_ratio"
+        " sum(s.n_active) / sum(s.n_tokens) / any_value(m.d_mlp) AS activation_ratio"
         " FROM layer_summary s JOIN runs r USING (run_id) JOIN models m USING (model_id)"
         " WHERE m.source = 'zoo' AND r.kind = 'probe' AND r.dataset = ?"
         " GROUP BY ALL ORDER BY model, step, layer",

@@ -351,6 +351,45 @@ def bench_probe_cmd(
         json_out.write_text(json.dumps(r, indent=1))
 
 
+@bench_app.command("store")
+@one_line_errors
+def bench_store_cmd(
+    model: str = typer.Option("synthetic:pythia-14m", "--model", help="The model to probe."),
+    tokens: int = typer.Option(
+        1_700_000, "--tokens", min=1, help="Tokens to probe (x layers = token-layer rows)."
+    ),
+    repeats: int = typer.Option(5, "--repeats", min=2, help="Renders and runs per item."),
+    store: Path = typer.Option(
+        None, "--store", help="Keep the store here (reused when it exists) [default: temporary]."
+    ),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results to this file."),
+):
+    """Dashboard-page and README-recipe latency (p50/p95) on a store of 10^7 token-layer rows."""
+    import json
+
+    from sparsescope.app.bench_store import bench_store
+
+    def report(kind: str, row: dict) -> None:
+        if kind == "page":
+            typer.echo(
+                f"page {row['page']:<15} {row['queries']:3d} queries: p50"
+                f" {row['queries_p50_s']:.3f} s, p95 {row['queries_p95_s']:.3f} s"
+                f" (slowest query p95 {row['slowest_p95_s']:.3f} s;"
+                f" render p95 {row['render_p95_s']:.2f} s)"
+            )
+        elif kind == "recipe":
+            typer.echo(
+                f"recipe {row['recipe']:2d} p50 {row['p50']:.3f} s, p95 {row['p95']:.3f} s,"
+                f" {row['rows']} rows: {row['query']}"
+            )
+        else:
+            typer.echo(f"{kind}: {row}")
+
+    result = bench_store(model, tokens, repeats, store, report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
 app.command("sparsify-eval")(sparsify_eval)
 app.command()(circuits)
 bench_app.command("kernels")(bench_kernels)

@@ -31,6 +31,19 @@ SHAPES: dict[str, tuple[str, dict, int]] = {  # shape -> (model_type, config fie
         },
         2,
     ),
+    "pythia-14m": (
+        "gpt_neox",
+        {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_attention_heads": 4,
+            "vocab_size": 50304,
+            "max_position_embeddings": 2048,
+            "rotary_pct": 0.25,
+            "hidden_act": "gelu",
+        },
+        6,
+    ),
     "gpt2-small": (
         "gpt2",
         {"n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257},
