@@ -20,6 +20,7 @@ from sklearn.multiclass import OneVsOneClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
+from sparsescope.store.hamming import ANY_SEQ
 from sparsescope.store.reader import Reader
 
 K_NEIGHBOURS = 9
@@ -133,23 +134,31 @@ def categorize(bits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str,
 # ---- probe runs in the store -------------------------------------------------------------
 
 
+_FIRST_LAYER = "(SELECT min(layer) FROM hash_codes WHERE run_id = $run)"
+
+
+def last_sample_seq(reader: Reader, run_id: str, max_tokens: int) -> int:
+    """The last seq_id of the first whole sequences with codes that hold at most
+    ``max_tokens`` tokens (at least one sequence): the page sample's bound."""
+    per_seq = reader.sql(
+        "SELECT seq_id, count(*) AS n FROM hash_codes"
+        f" WHERE run_id = $run AND layer = {_FIRST_LAYER} GROUP BY seq_id ORDER BY seq_id",
+        {"run": run_id},
+    )
+    if per_seq.empty:
+        return ANY_SEQ
+    within = per_seq[per_seq["n"].cumsum() <= max_tokens]
+    return int((within if not within.empty else per_seq.head(1))["seq_id"].max())
+
+
 def run_codes(
-    reader: Reader, run_id: str, max_tokens: int | None = None
+    reader: Reader, run_id: str, last_seq: int = ANY_SEQ
 ) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
     """Token keys (seq_id, pos, token_id) and packed codes per layer, rows in key order:
-    the tokens whose codes the run kept (all of them, or the sample of ``--codes every:K``),
-    cut to the first whole sequences that hold at most ``max_tokens`` tokens (at least one)."""
-    first = "(SELECT min(layer) FROM hash_codes WHERE run_id = $run)"
-    last_seq = None
-    if max_tokens is not None:
-        per_seq = reader.sql(
-            f"SELECT seq_id, count(*) AS n FROM hash_codes WHERE run_id = $run AND layer = {first}"
-            " GROUP BY seq_id ORDER BY seq_id",
-            {"run": run_id},
-        )
-        within = per_seq[per_seq["n"].cumsum() <= max_tokens]
-        last_seq = int((within if not within.empty else per_seq.head(1))["seq_id"].max())
-    bound = {"run": run_id, "last": last_seq if last_seq is not None else 2**62}
+    the tokens whose codes the run kept (all of them, or the sample of ``--codes every:K``)
+    up to sequence ``last_seq``."""
+    first = _FIRST_LAYER
+    bound = {"run": run_id, "last": last_seq}
     keys = reader.sql(
         "SELECT seq_id, pos, token_id FROM tokens t SEMI JOIN (SELECT seq_id, pos FROM hash_codes"
         f" WHERE run_id = $run AND layer = {first} AND seq_id <= $last) h USING (seq_id, pos)"
@@ -251,16 +260,19 @@ def categorize_run(
     return pd.DataFrame(rows)
 
 
-def frequent_codes(reader: Reader, run_id: str, layer: int, limit: int = 10) -> pd.DataFrame:
-    """The most frequent codes of a layer, with their size and the tokens that share them."""
+def frequent_codes(
+    reader: Reader, run_id: str, layer: int, limit: int = 10, last_seq: int = ANY_SEQ
+) -> pd.DataFrame:
+    """The most frequent codes of a layer (over sequences up to ``last_seq``), with their
+    size and the tokens that share them."""
     return reader.sql(
         "SELECT h.code64, count(*) AS n, any_value(h.n_active) AS n_active,"
         " count(DISTINCT t.token) AS n_distinct_tokens,"
         " string_agg(DISTINCT t.token, ' · ') AS tokens"
         " FROM hash_codes h JOIN tokens t USING (run_id, seq_id, pos)"
-        " WHERE h.run_id = ? AND h.layer = ? GROUP BY h.code64 ORDER BY n DESC, h.code64"
-        " LIMIT ?",
-        [run_id, layer, limit],
+        " WHERE h.run_id = ? AND h.layer = ? AND h.seq_id <= ? AND t.seq_id <= ?"
+        " GROUP BY h.code64 ORDER BY n DESC, h.code64 LIMIT ?",
+        [run_id, layer, last_seq, last_seq, limit],
     )
 
 

@@ -317,6 +317,9 @@ def bench_probe_cmd(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     codes: str = typer.Option("auto", "--codes", help="As for probe."),
+    sparsify: str = typer.Option(
+        None, "--sparsify", help="METHOD:TARGET: both sides run the sparsified model."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
     """Probe throughput (all probes, writing a store) / bare HF forward throughput, peak RSS,
@@ -324,21 +327,28 @@ def bench_probe_cmd(
     import json
 
     from sparsescope.probes.bench import bench_probe
-    from sparsescope.probes.job import ProbeConfig
+    from sparsescope.probes.job import ProbeConfig, model_specs
 
     def report(i: int, bare_s: float, probe_s: float) -> None:
         typer.echo(f"run {i}/{repeats}: bare {bare_s:.2f} s, probe {probe_s:.2f} s")
 
     config = ProbeConfig(
-        batch_size=batch_size, seq_len=seq_len, device=device, dtype=dtype, codes=codes
+        batch_size=batch_size,
+        seq_len=seq_len,
+        device=device,
+        dtype=dtype,
+        codes=codes,
+        sparsify=sparsify,
     )
+    model_specs(model, data, config)  # bad options fail before any model is loaded
     r = bench_probe(model, data, tokens, config, repeats, report)
     stored = r["stored_bytes_per_token"]
+    sparse = f", sparsified {r['sparsify']}" if r["sparsify"] else ""
     typer.echo(
-        f"{r['model']} on {r['device']} ({r['dtype']}, codes {r['codes']}): {r['tokens']} tokens,"
-        f" batches of {r['batch_size']} x {r['seq_len']}"
+        f"{r['model']} on {r['device']} ({r['dtype']}, codes {r['codes']}{sparse}):"
+        f" {r['tokens']} tokens, batches of {r['batch_size']} x {r['seq_len']}"
     )
-    typer.echo(f"bare HF forward : {r['bare_tok_s']:9.0f} tokens/s")
+    typer.echo(f"bare forward    : {r['bare_tok_s']:9.0f} tokens/s")
     typer.echo(f"probe (all, store): {r['probe_tok_s']:7.0f} tokens/s")
     typer.echo(f"ratio probe/bare : {r['ratio']:.3f}")
     typer.echo(f"peak RSS while probing: {r['peak_rss_mb']:.0f} MiB")

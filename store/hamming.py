@@ -12,10 +12,12 @@ import pandas as pd
 from sparsescope.store.errors import StoreError
 from sparsescope.store.reader import Reader
 
+ANY_SEQ = 2**62  # a last seq_id that bounds nothing
+
 _LAYER_QUERY = """
 SELECT h.seq_id, h.pos, bit_count(xor(h.code::BIT, ?::BLOB::BIT))::INTEGER AS distance
 FROM hash_codes h
-WHERE h.run_id = ? AND h.layer = ?
+WHERE h.run_id = ? AND h.layer = ? AND h.seq_id <= ?
 ORDER BY distance, h.seq_id, h.pos
 LIMIT ?
 """
@@ -25,7 +27,7 @@ WITH q AS (SELECT layer, code FROM hash_codes WHERE run_id = ? AND seq_id = ? AN
 SELECT h.seq_id, h.pos,
     sum(bit_count(xor(h.code::BIT, q.code::BIT))::INTEGER)::BIGINT AS distance
 FROM hash_codes h JOIN q USING (layer)
-WHERE h.run_id = ?
+WHERE h.run_id = ? AND h.seq_id <= ?
 GROUP BY h.seq_id, h.pos
 ORDER BY distance, h.seq_id, h.pos
 LIMIT ?
@@ -44,30 +46,36 @@ def code_of(reader: Reader, run_id: str, layer: int, seq_id: int, pos: int) -> b
 
 
 def nearest_to_code(
-    reader: Reader, run_id: str, layer: int, code: bytes, k: int = 10
+    reader: Reader, run_id: str, layer: int, code: bytes, k: int = 10, last_seq: int = ANY_SEQ
 ) -> pd.DataFrame:
-    """The k stored codes of a layer closest to ``code``: seq_id, pos, distance.
-
-    Ties are broken by (seq_id, pos).
+    """The k stored codes of a layer closest to ``code`` (among sequences up to
+    ``last_seq``): seq_id, pos, distance. Ties are broken by (seq_id, pos).
     """
-    return reader.sql(_LAYER_QUERY, [code, run_id, layer, k])
+    return reader.sql(_LAYER_QUERY, [code, run_id, layer, last_seq, k])
 
 
 def nearest_codes(
-    reader: Reader, run_id: str, layer: int | None, seq_id: int, pos: int, k: int = 10
+    reader: Reader,
+    run_id: str,
+    layer: int | None,
+    seq_id: int,
+    pos: int,
+    k: int = 10,
+    last_seq: int = ANY_SEQ,
 ) -> pd.DataFrame:
     """The k token occurrences whose codes are nearest to the one at (seq_id, pos),
-    the occurrence itself excluded; ``layer=None`` uses the whole-model code.
+    the occurrence itself excluded; ``layer=None`` uses the whole-model code; only
+    sequences up to ``last_seq`` are searched (default: all).
 
     Columns: seq_id, pos, distance, token_id, token (ordered by distance, seq_id, pos).
     """
     if layer is None:
-        hits = reader.sql(_MODEL_QUERY, [run_id, seq_id, pos, run_id, k + 1])
+        hits = reader.sql(_MODEL_QUERY, [run_id, seq_id, pos, run_id, last_seq, k + 1])
         if hits.empty:
             raise StoreError(f"no hash codes for run {run_id}, seq {seq_id}, pos {pos}")
     else:
         code = code_of(reader, run_id, layer, seq_id, pos)
-        hits = nearest_to_code(reader, run_id, layer, code, k + 1)
+        hits = nearest_to_code(reader, run_id, layer, code, k + 1, last_seq)
     hits = hits[~((hits["seq_id"] == seq_id) & (hits["pos"] == pos))].head(k)
     tokens = reader.sql(
         "SELECT t.seq_id, t.pos, t.token_id, t.token FROM tokens t"

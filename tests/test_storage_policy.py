@@ -154,3 +154,24 @@ def test_synthetic_model_has_the_real_shape_and_probes_right(tmp_path, monkeypat
         out = run_cli("probe", "--model", bad, "--store", str(tmp_path / "t"))
         assert out.returncode == 2 and "synthetic:<shape>" in out.stderr
         assert not (tmp_path / "t").exists()
+
+
+def test_bench_store_times_every_page_and_recipe(tmp_path, monkeypatch):
+    import json
+
+    from sparsescope.app.bench_store import PAGES, README, readme_queries
+
+    monkeypatch.setenv("SPARSESCOPE_SYNTHETIC", str(tmp_path / "synth"))
+    out = tmp_path / "bench.json"
+    done = run_cli(
+        "bench", "store", "--tokens", "3000", "--repeats", "2", "--json", str(out),
+        "--store", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["token_layer_rows"] == 6 * 3000  # pythia-14m's 6 layers
+    assert [p["page"] for p in result["pages"]] == [
+        p.removeprefix("views/").removesuffix(".py") for p in PAGES
+    ]
+    assert len(result["recipes"]) == len(readme_queries(README.read_text())) >= 8
+    assert all(p["queries_p95_s"] >= p["queries_p50_s"] >= 0 for p in result["pages"])

@@ -10,19 +10,24 @@ from sparsescope.app import charts_hash
 from sparsescope.app.state import pick_run, reader
 from sparsescope.store.hamming import nearest_codes
 
-PAGE_TOKENS = 100_000  # codes of at most this many tokens are read for the summaries
+PAGE_TOKENS = 100_000  # the page reads the codes of the first sequences up to this many tokens
 
 
 # Cached per (store root, run id); the reader argument ``_r`` is left out of the key.
+@st.cache_data(show_spinner=False)
+def _last_seq(_r, root: str, run_id: str) -> int:
+    return hc.last_sample_seq(_r, run_id, PAGE_TOKENS)
+
+
 @st.cache_data(show_spinner="Reading codes…")
 def _summary(_r, root: str, run_id: str) -> pd.DataFrame:
-    _, per_layer = hc.run_codes(_r, run_id, PAGE_TOKENS)
+    _, per_layer = hc.run_codes(_r, run_id, _last_seq(_r, root, run_id))
     return hc.summary(per_layer, d_mlp(_r, run_id))
 
 
 @st.cache_data(show_spinner="Fitting k-NN, k-means and logistic regression on codes…")
 def _categorization(_r, root: str, run_id: str) -> pd.DataFrame:
-    keys, per_layer = hc.run_codes(_r, run_id, PAGE_TOKENS)
+    keys, per_layer = hc.run_codes(_r, run_id, _last_seq(_r, root, run_id))
     return hc.categorize_run(keys, per_layer, d_mlp(_r, run_id))
 
 
@@ -45,16 +50,19 @@ def probed_model(r) -> None:
             " those tokens and layers only; `--codes all` keeps every code."
         )
     root = str(r.root)
+    last_seq = _last_seq(r, root, run_id)
     summary = _summary(r, root, run_id)
     whole = summary[summary["layer"] == hc.ALL_LAYERS].iloc[0]
     c = st.columns(3)
     c[0].metric("Tokens", f"{int(whole['n_codes']):,}")
     c[1].metric("Distinct whole-model codes", f"{int(whole['n_unique']):,}")
     c[2].metric("Whole-model redundancy", f"{whole['redundancy']:.4f}")
-    if whole["n_codes"] >= PAGE_TOKENS * 0.9:
+    n_seq = int(r.sql("SELECT max(seq_id) FROM tokens WHERE run_id = ?", [run_id]).iloc[0, 0])
+    if last_seq < n_seq:
         st.caption(
-            f"Over the first {int(whole['n_codes']):,} tokens with codes (whole sequences);"
-            " SQL on `hash_codes` reaches them all."
+            f"This page reads the codes of sequences 0–{last_seq} ({int(whole['n_codes']):,}"
+            " tokens with codes), frequent codes and nearest codes included; SQL on"
+            " `hash_codes` and `sparsescope.store.hamming.nearest_codes` reach them all."
         )
     st.plotly_chart(charts_hash.redundancy_bars(summary), width="stretch")
     st.dataframe(summary, hide_index=True, width="stretch")
@@ -74,11 +82,12 @@ def probed_model(r) -> None:
     layers = sorted(int(v) for v in summary["layer"] if v >= 0)
     st.subheader("Most frequent codes")
     layer = st.selectbox("Layer", layers, key="freq_layer")
-    st.dataframe(hc.frequent_codes(r, run_id, layer), hide_index=True, width="stretch")
+    frequent = hc.frequent_codes(r, run_id, layer, last_seq=last_seq)
+    st.dataframe(frequent, hide_index=True, width="stretch")
 
     st.subheader("Nearest codes")
     every = int(kept.partition(":")[2]) if kept.startswith("every:") else 1
-    n_seq = int(r.sql("SELECT max(seq_id) FROM tokens WHERE run_id = ?", [run_id]).iloc[0, 0])
+    n_seq = min(n_seq, last_seq)
     c = st.columns(3)
     seq_id = int(
         c[0].number_input("Sequence", 0, n_seq - n_seq % every, 0, step=every, key="nn_seq")
@@ -92,7 +101,8 @@ def probed_model(r) -> None:
     choice = c[2].selectbox("Layer", ["all layers", *layers], key="nn_layer")
     query = pd.DataFrame({"seq_id": [seq_id], "pos": [pos]})
     st.markdown(f"Query: `{hc.token_contexts(r, run_id, query).iloc[0]}`")
-    hits = nearest_codes(r, run_id, None if choice == "all layers" else int(choice), seq_id, pos)
+    chosen = None if choice == "all layers" else int(choice)
+    hits = nearest_codes(r, run_id, chosen, seq_id, pos, last_seq=last_seq)
     hits["context"] = hc.token_contexts(r, run_id, hits)
     st.dataframe(hits, hide_index=True, width="stretch")
 
