@@ -245,7 +245,7 @@ class MlpProbe:
             outputs.append((layer, out))
         for task in tasks:
             task.result()
-        if _heap_size() > self._heap_at_trim + _HEAP_GROWTH:
+        if pending and _heap_size() > self._heap_at_trim + _HEAP_GROWTH:
             _trim_heap()
             self._heap_at_trim = _heap_size()
         for layer, out in outputs:
