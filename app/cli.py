@@ -13,7 +13,7 @@ import typer
 from sparsescope.app.circuits_cli import circuits
 from sparsescope.app.experiment_cli import experiment_app
 from sparsescope.app.kernels_cli import bench_kernels, sparsify_eval
-from sparsescope.app.output import FORMATS, emit
+from sparsescope.app.output import FORMATS, emit, frame
 from sparsescope.app.sae_cli import sae_app
 from sparsescope.app.zoo_cli import zoo_app
 
@@ -181,7 +181,7 @@ def sql(
 
     _check_format(fmt)
     result = run_sql(store, query, row_limit=limit)
-    emit(result.table.to_pandas(), fmt)
+    emit(frame(result.table), fmt)
     if result.truncated:
         typer.echo(f"(truncated at {limit} rows)", err=True)
 

@@ -136,6 +136,8 @@ def check_store(root: Path) -> Path:
 
 
 def _check_folder(root: Path) -> None:
+    if "?" in str(root.resolve()):
+        raise StoreError(f"store path {root} holds '?', which DuckDB reads as URL parameters")
     if root.exists() and not root.is_dir():
         raise StoreError(f"store path {root} is a file, not a folder")
     if root.is_dir() and not is_store(root) and any(root.iterdir()):

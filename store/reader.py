@@ -15,11 +15,8 @@ import pandas as pd
 import pyarrow as pa
 
 from sparsescope.store import catalog
+from sparsescope.store.globs import glob_literal, sql_string
 from sparsescope.store.schema import CATALOG_DDL, DATA_TABLES
-
-
-def _quote(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 class Reader:
@@ -56,7 +53,8 @@ class Reader:
         complete = "SELECT run_id FROM runs WHERE status = 'complete'"
         if any(folder.glob("run_id=*/*.parquet")):
             source = (
-                f"read_parquet({_quote(folder / '*' / '*.parquet')}, hive_partitioning = true,"
+                f"read_parquet({sql_string(glob_literal(folder) + '/*/*.parquet')},"
+                " hive_partitioning = true,"
                 " hive_types = {'run_id': 'VARCHAR'}, union_by_name = true)"
             )
         else:

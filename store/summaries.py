@@ -17,6 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sparsescope.store.globs import glob_literal, sql_string
 from sparsescope.store.schema import DATA_TABLES
 
 # summary table -> (source table, SELECT over the source's rows, named ``src``)
@@ -30,15 +31,10 @@ SUMMARIES = {
 }
 
 
-def _literal(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def summarize(folder_of: Callable[[str], Path]) -> dict[str, pa.Table]:
     """Each summary whose source table has parts in ``folder_of(source)``, by table name.
 
-    The parts are named one by one (never a glob), so no character of the path is a
-    pattern."""
+    The parts are named one by one, each escaped (``glob_literal``)."""
     written = {}
     for table, (source, query) in SUMMARIES.items():
         folder = folder_of(source)
@@ -47,7 +43,7 @@ def summarize(folder_of: Callable[[str], Path]) -> dict[str, pa.Table]:
             continue
         con = duckdb.connect()
         try:
-            files = ", ".join(_literal(p) for p in parts)
+            files = ", ".join(sql_string(glob_literal(p)) for p in parts)
             con.execute(f"CREATE VIEW src AS SELECT * FROM read_parquet([{files}])")
             written[table] = con.sql(query).to_arrow_table().cast(DATA_TABLES[table])
         finally:

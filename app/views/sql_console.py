@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from sparsescope.app.output import cell_text, frame
 from sparsescope.app.state import reader
 from sparsescope.store.console import ROW_LIMIT, SqlRefused, run_sql
 
@@ -23,8 +24,9 @@ if st.button("Run", type="primary"):
     except SqlRefused as err:
         st.error(str(err))
     else:
-        df = result.table.to_pandas()
+        df = frame(result.table)
+        shown = df.assign(**{c: df[c].map(cell_text) for c in df if df[c].dtype == object})
         if result.truncated:
             st.warning(f"Showing the first {ROW_LIMIT:,} rows.")
-        st.dataframe(df, hide_index=True, width="stretch")
-        st.download_button("Download CSV", df.to_csv(index=False), "query.csv", "text/csv")
+        st.dataframe(shown, hide_index=True, width="stretch")
+        st.download_button("Download CSV", shown.to_csv(index=False), "query.csv", "text/csv")
