@@ -26,6 +26,13 @@ _HELDOUT_EVERY = 10  # one document in ten (by a hash of its name) is held out
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
 
 
+MAX_DOC_CHARS = 100_000  # longer documents reach the tokenizer in pieces
+_READ_CHARS = 1 << 20
+_BLANK_LINE = re.compile(r"\n\s*\n")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class DataError(ValueError):
     """Bad data input: one line naming the input and what to do."""
 
@@ -82,11 +89,38 @@ def stdlib_docs(split: str = "train") -> Iterator[str]:
                 yield doc
 
 
+def _clean(text: str) -> str:
+    """Text as a tokenizer can take it: lone surrogates become U+FFFD, control characters
+    other than tab and newlines are dropped, and the ends are stripped."""
+    return _CONTROL.sub("", _SURROGATE.sub("\ufffd", text)).strip()
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """A document cut into pieces of at most ``MAX_DOC_CHARS`` characters, at whitespace
+    where there is some, so that one huge document never reaches the tokenizer whole."""
+    while len(text) > MAX_DOC_CHARS:
+        cut = text.rfind(" ", MAX_DOC_CHARS // 2, MAX_DOC_CHARS) + 1 or MAX_DOC_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
 def _txt_documents(path: Path) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
-    for doc in re.split(r"\n\s*\n", text):
-        if doc.strip():
-            yield doc.strip()
+    """Documents separated by blank lines, read in chunks (a file of one huge line too)."""
+    with path.open(encoding="utf-8") as f:
+        buffer = ""
+        while chunk := f.read(_READ_CHARS):
+            parts = _BLANK_LINE.split(buffer + chunk)
+            buffer = parts.pop()
+            for doc in parts:
+                if text := _clean(doc):
+                    yield from _pieces(text)
+            if len(buffer) > MAX_DOC_CHARS:  # a long document: its full pieces go now
+                *full, buffer = _pieces(buffer)
+                yield from filter(None, map(_clean, full))
+        if text := _clean(buffer):
+            yield from _pieces(text)
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
@@ -98,10 +132,12 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except (RecursionError, ValueError) as e:  # nesting too deep, huge integers
+                raise DataError(f"{path}:{lineno}: JSON this reader refuses ({e})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f'{path}:{lineno}: each line needs a string field "text"')
-            if row["text"].strip():
-                yield row["text"]
+            if text := _clean(row["text"]):
+                yield from _pieces(text)
 
 
 def validate(spec: str) -> None:

@@ -504,7 +504,14 @@ def list_zoo(out: Path | str | None = None, preset: str = "tiny") -> list[dict]:
     manifest = out / "zoo.json"
     if not manifest.is_file():
         raise ZooError(f"no trained zoo at {out}: run {_train_cmd(preset)} first")
-    return _absolute(json.loads(manifest.read_text())["checkpoints"], out)
+    try:
+        rows = json.loads(manifest.read_text())["checkpoints"]
+        return _absolute(rows, out)
+    except (ValueError, KeyError, TypeError, OSError) as err:  # hand-edited or truncated
+        raise ZooError(
+            f"{manifest} is not a zoo manifest ({type(err).__name__}): remove it and run"
+            f" {_train_cmd(preset)} (trained checkpoints are kept)"
+        ) from None
 
 
 _ZOO_SPEC = re.compile(r"zoo:([\w.-]+)(?:@(\d+|all))?")

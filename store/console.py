@@ -82,7 +82,7 @@ def _child(root: str, query: str, row_limit: int, memory_bytes: int, out) -> Non
         reader = Reader(root)
         sandbox(reader.con, reader.data_dir, memory_bytes)
         out.send(("ready", None))  # the time limit starts now
-        rows = reader.con.sql(query).limit(row_limit + 1).to_arrow_table()
+        rows = reader.run(lambda cur: cur.sql(query).limit(row_limit + 1).to_arrow_table())
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema) as stream:
             stream.write_table(rows)

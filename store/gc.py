@@ -8,6 +8,7 @@ lock is free and that is not ``complete`` is debris.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def collect(root: Path) -> dict:
     for part in (root / "data").glob("*/run_id=*"):
         run_id = part.name.removeprefix("run_id=")
         if run_id not in complete and not is_live(staging / run_id):
-            shutil.rmtree(part, ignore_errors=True)
+            # out of data/ in one rename first, so readers never list a half-deleted folder
+            trash = staging / f"_gc-{part.parent.name}-{run_id}"
+            os.replace(part, trash)
+            shutil.rmtree(trash, ignore_errors=True)
             removed += 1
     return {"failed_runs": dead, "removed_folders": removed}

@@ -8,7 +8,9 @@ died half-way stays invisible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import pandas as pd
@@ -17,6 +19,9 @@ import pyarrow as pa
 from sparsescope.store import catalog
 from sparsescope.store.globs import glob_literal, sql_string
 from sparsescope.store.schema import CATALOG_DDL, DATA_TABLES
+
+T = TypeVar("T")
+_VANISHED = ("Cannot open file", "No files found", "No such file")
 
 
 class Reader:
@@ -72,12 +77,24 @@ class Reader:
             f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} WHERE run_id IN ({complete})"
         )
 
+    def run(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``fn(cursor)``, run once more on fresh views if a file vanished under it: the
+        views list a table's files when a query starts, and a concurrent ``gc`` may delete
+        a dead run's files (never rows of a complete run) before they are read."""
+        try:
+            return fn(self.con.cursor())
+        except duckdb.IOException as err:
+            if not any(sign in str(err) for sign in _VANISHED):
+                raise
+            self.refresh()
+            return fn(self.con.cursor())
+
     def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
         """Run a query on a fresh cursor (safe to share the reader across threads)."""
-        return self.con.cursor().execute(query, params or []).df()
+        return self.run(lambda cur: cur.execute(query, params or []).df())
 
     def arrow(self, query: str, params: list | dict | None = None) -> pa.Table:
-        return self.con.cursor().sql(query, params=params).to_arrow_table()
+        return self.run(lambda cur: cur.sql(query, params=params).to_arrow_table())
 
     def disk_bytes(self) -> int:
         """Size of the store on disk (catalog, data and staging)."""
