@@ -34,13 +34,14 @@ from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import LoadedModel, load_model
 from sparsescope.probes.sae import SAE, register_sae
 from sparsescope.store.catalog import init_store
+from sparsescope.store.errors import BadInput
 from sparsescope.store.writer import RunWriter
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_EVERY_S = 60.0
 
 
-class TrainError(ValueError):
+class TrainError(BadInput):
     """Bad training request; the message is one line."""
 
 

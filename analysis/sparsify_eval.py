@@ -23,6 +23,7 @@ from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import batches
 from sparsescope.probes.models import LoadedModel, load_model
 from sparsescope.store.catalog import check_writable
+from sparsescope.store.errors import BadInput
 from sparsescope.store.writer import RunWriter
 
 
@@ -125,11 +126,11 @@ def check_plan(methods: list[str], targets: list[float]) -> None:
     """Reject unknown methods and targets outside [0, 1) before any work starts."""
     unknown = [m for m in methods if m not in METHODS]
     if not methods:
-        raise ValueError(f"--methods: give at least one of {', '.join(METHODS)}")
+        raise BadInput(f"--methods: give at least one of {', '.join(METHODS)}")
     if unknown:
-        raise ValueError(f"--methods: unknown {', '.join(unknown)}; use {', '.join(METHODS)}")
+        raise BadInput(f"--methods: unknown {', '.join(unknown)}; use {', '.join(METHODS)}")
     if not targets or any(not 0.0 <= t < 1.0 for t in targets):
-        raise ValueError(f"--targets {targets}: give sparsities in [0, 1), e.g. 0.5,0.7")
+        raise BadInput(f"--targets {targets}: give sparsities in [0, 1), e.g. 0.5,0.7")
 
 
 def run_sparsify_eval(

@@ -27,6 +27,7 @@ import torch
 
 from sparsescope.probes import zoo
 from sparsescope.probes.data import stdlib_docs
+from sparsescope.store.errors import BadInput
 
 NAMES = (
     "Mary John Alice Bob Tom James Anna Sarah David Paul Peter Mark Lisa Kate Jack Emma Max "
@@ -57,7 +58,7 @@ STAND_IN_SHARE = 0.75  # of the answered IOI training sentences
 _SPLIT_SEED = 1234
 
 
-class TaskError(ValueError):
+class TaskError(BadInput):
     """Bad task request (unknown task, too few single-token names): one clear line."""
 
 

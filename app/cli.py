@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -44,32 +43,6 @@ DtypeOpt = typer.Option(
 FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}.")
 
 
-def _bad_input_errors() -> tuple[type[Exception], ...]:
-    from sparsescope.probes.codes import CodesError
-    from sparsescope.probes.data import DataError
-    from sparsescope.probes.models import ModelError
-    from sparsescope.probes.sae import SaeError
-    from sparsescope.probes.zoo import ZooError
-    from sparsescope.store.console import SqlRefused
-    from sparsescope.store.errors import StoreError
-
-    return StoreError, DataError, ModelError, SqlRefused, ZooError, SaeError, CodesError
-
-
-def one_line_errors(fn):
-    """Turn bad-input exceptions into ``error: ...`` on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _bad_input_errors() as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         typer.echo(f"error: --format must be one of {', '.join(FORMATS)}", err=True)
@@ -77,7 +50,6 @@ def _check_format(fmt: str) -> None:
 
 
 @app.command()
-@one_line_errors
 def probe(
     model: str = typer.Option(
         ..., "--model", help="minilm, zoo:<name>[@step|@all], a folder or org/name."
@@ -150,7 +122,6 @@ def probe(
 
 
 @app.command()
-@one_line_errors
 def runs(store: Path = StoreOpt, fmt: str = FormatOpt):
     """List the runs of a store."""
     from sparsescope.store.reader import Reader
@@ -169,7 +140,6 @@ def runs(store: Path = StoreOpt, fmt: str = FormatOpt):
 
 
 @app.command()
-@one_line_errors
 def sql(
     query: str = typer.Argument(..., help="One SELECT statement."),
     store: Path = StoreOpt,
@@ -186,7 +156,15 @@ def sql(
         typer.echo(f"(truncated at {limit} rows)", err=True)
 
 
-def _launch_dashboard(store: Path, port: int) -> None:
+HostOpt = typer.Option(
+    "127.0.0.1",
+    "--host",
+    help="Address to listen on. The dashboard has no authentication: only give 0.0.0.0 (or"
+    " another interface) on a network you trust.",
+)
+
+
+def _launch_dashboard(store: Path, port: int, host: str) -> None:
     from sparsescope.store.catalog import check_store
 
     check_store(store)
@@ -198,6 +176,8 @@ def _launch_dashboard(store: Path, port: int) -> None:
         "streamlit",
         "run",
         str(script),
+        "--server.address",
+        host,
         "--server.port",
         str(port),
         "--server.headless",
@@ -205,24 +185,27 @@ def _launch_dashboard(store: Path, port: int) -> None:
         "--browser.gatherUsageStats",
         "false",
     ]
-    typer.echo(f"dashboard on http://localhost:{port} (store {store})")
+    typer.echo(f"dashboard on http://{host}:{port} (store {store})")
     sys.stdout.flush()
     os.execve(sys.executable, cmd, env)  # streamlit replaces this process: signals reach it
 
 
 @app.command("app")
-@one_line_errors
-def app_cmd(store: Path = StoreOpt, port: int = typer.Option(8501, "--port", min=1, max=65535)):
-    """Start the dashboard on a store."""
-    _launch_dashboard(store, port)
+def app_cmd(
+    store: Path = StoreOpt,
+    port: int = typer.Option(8501, "--port", min=1, max=65535),
+    host: str = HostOpt,
+):
+    """Start the dashboard on a store (on this machine only, unless --host says otherwise)."""
+    _launch_dashboard(store, port, host)
 
 
 @app.command()
-@one_line_errors
 def demo(
     store: Path = typer.Option(DEFAULT_DEMO_STORE, "--store"),
     no_app: bool = typer.Option(False, "--no-app", help="Do the work; do not start the dashboard."),
     port: int = typer.Option(8501, "--port", min=1, max=65535),
+    host: str = HostOpt,
 ):
     """The main job on the embedded default: tiny-zoo sparsity laws, MiniLM, the dashboard.
 
@@ -241,7 +224,7 @@ def demo(
         run_probe("minilm", "stdlib-docs", store, ProbeConfig(max_tokens=DEMO_TOKENS), "demo")
     typer.echo(f"demo store {store} ready in {time.perf_counter() - start:.1f}s")
     if not no_app:
-        _launch_dashboard(store, port)
+        _launch_dashboard(store, port, host)
 
 
 def _has_run(store: Path, kind: str, model_like: str | None, n_tokens: int = 0) -> bool:
@@ -261,7 +244,6 @@ def _has_run(store: Path, kind: str, model_like: str | None, n_tokens: int = 0) 
 
 
 @app.command()
-@one_line_errors
 def laws(
     store: Path = StoreOpt,
     preset: str = typer.Option("tiny", "--preset", help="Zoo preset (trained if missing)."),
@@ -281,7 +263,6 @@ def laws(
 
 
 @store_app.command("gc")
-@one_line_errors
 def store_gc(store: Path = StoreOpt):
     """Remove what dead jobs left behind (staging folders, unpublished shards)."""
     from sparsescope.store.gc import collect
@@ -294,7 +275,6 @@ def store_gc(store: Path = StoreOpt):
 
 
 @store_app.command("upgrade")
-@one_line_errors
 def store_upgrade(store: Path = StoreOpt):
     """Bring a store written by an older SparseScope to this one's schema."""
     from sparsescope.store.catalog import find_store, init_store
@@ -304,7 +284,6 @@ def store_upgrade(store: Path = StoreOpt):
 
 
 @bench_app.command("probe")
-@one_line_errors
 def bench_probe_cmd(
     model: str = typer.Option(
         "minilm", "--model", help="A model spec, e.g. minilm or synthetic:llama-3-8b[:layers]."
@@ -362,7 +341,6 @@ def bench_probe_cmd(
 
 
 @bench_app.command("store")
-@one_line_errors
 def bench_store_cmd(
     model: str = typer.Option("synthetic:pythia-14m", "--model", help="The model to probe."),
     tokens: int = typer.Option(
@@ -406,10 +384,16 @@ bench_app.command("kernels")(bench_kernels)
 
 
 def main() -> None:
-    """The console entry point. Bad options (a value out of range, a missing option) get the
-    same one-line ``error: ...`` and exit code 2 as other bad input."""
+    """The console entry point: bad input of every command (``BadInput``; unreadable files)
+    and bad options (a value out of range, a missing option) get one line ``error: ...``
+    and exit code 2."""
+    from sparsescope.store.errors import BadInput
+
     try:
         code = app(standalone_mode=False)
+    except (BadInput, OSError) as err:  # every command's bad input, in one place
+        typer.echo(f"error: {err}", err=True)
+        code = 2
     except typer.Abort:
         typer.echo("aborted", err=True)
         code = 1

@@ -6,7 +6,6 @@ mounts the functions under its own names.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparsescope.store.catalog import check_writable
-from sparsescope.store.errors import StoreError
+from sparsescope.store.errors import BadInput
 from sparsescope.store.schema import DATA_TABLES
 
 kernels_app = typer.Typer(help="Sparse MLP kernels: quality and speed.", no_args_is_help=True)
@@ -26,29 +25,14 @@ BENCH_COLUMNS = ("device", "kernel", "method", "sparsity", "batch", "d_model", "
                  "ms_dense", "ms_sparse", "gbytes_per_s")  # fmt: skip
 
 
-def _one_line_errors(fn):
-    """Bad input (ValueError, StoreError, unreadable files) -> ``error: ...`` and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, StoreError, OSError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _floats(text: str, option: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"{option} {text!r}: give comma-separated numbers, e.g. 0.5,0.7") from None
+        raise BadInput(f"{option} {text!r}: give comma-separated numbers, e.g. 0.5,0.7") from None
 
 
 @kernels_app.command("sparsify-eval")
-@_one_line_errors
 def sparsify_eval(
     model: str = typer.Option(..., "--model", help="minilm, zoo:<name>, a folder or org/name."),
     methods: str = typer.Option(
@@ -101,23 +85,23 @@ def load_rows(path: Path) -> pa.Table:
     """Benchmark rows from a JSON list (as ``benchmarks/bench_kernels.py`` writes), checked
     against the ``kernel_bench`` schema before anything is written."""
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise BadInput(f"{path}: no such file")
     try:
         rows = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from None
+        raise BadInput(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected a non-empty JSON list of row objects")
+        raise BadInput(f"{path}: expected a non-empty JSON list of row objects")
     missing = sorted({c for r in rows for c in BENCH_COLUMNS if c not in r})
     if missing:
-        raise ValueError(f"{path}: rows lack {', '.join(missing)}")
+        raise BadInput(f"{path}: rows lack {', '.join(missing)}")
     try:
         table = _bench_table(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as err:
-        raise ValueError(f"{path}: a value has the wrong type ({err})") from None
+        raise BadInput(f"{path}: a value has the wrong type ({err})") from None
     times = pc.min(pc.min_element_wise(table["ms_dense"], table["ms_sparse"]))
     if times.as_py() is None or times.as_py() <= 0:
-        raise ValueError(f"{path}: ms_dense and ms_sparse must be positive")
+        raise BadInput(f"{path}: ms_dense and ms_sparse must be positive")
     return table
 
 
@@ -125,7 +109,7 @@ def _check_device(device: str) -> None:
     import torch
 
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise ValueError(f"--device {device!r}: use cpu, or cuda on a machine with a CUDA GPU")
+        raise BadInput(f"--device {device!r}: use cpu, or cuda on a machine with a CUDA GPU")
 
 
 def _report_row(row: dict) -> None:
@@ -139,7 +123,6 @@ def _report_row(row: dict) -> None:
 
 
 @kernels_app.command("bench-kernels")
-@_one_line_errors
 def bench_kernels(
     store: Path = typer.Option(..., "--store", help="Store folder."),
     device: str = typer.Option("cpu", "--device", help="cuda or cpu."),

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparsescope.store.errors import BadInput
+
 CODE_BUDGET = 2048  # bytes of codes per token that ``auto`` keeps on average
 
 
-class CodesError(ValueError):
+class CodesError(BadInput):
     """A ``--codes`` spec that cannot be used; the message is one line."""
 
 

@@ -20,6 +20,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from sparsescope.store.errors import BadInput
+
 STDLIB = "stdlib-docs"
 _SPLITS = ("train", "heldout")
 _HELDOUT_EVERY = 10  # one document in ten (by a hash of its name) is held out
@@ -33,7 +35,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """Bad data input: one line naming the input and what to do."""
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from sparsescope.store.errors import BadInput
 
-class ModelError(ValueError):
+
+class ModelError(BadInput):
     """The model spec cannot be loaded; the message is one line."""
 
 

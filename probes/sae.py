@@ -20,12 +20,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsescope.store import catalog
+from sparsescope.store.errors import BadInput
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 ARCHS = ("topk", "gsae")
 
 
-class SaeError(ValueError):
+class SaeError(BadInput):
     """A SAE folder cannot be read; the message is one line."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from sparsescope.store.errors import BadInput
+
 SEED = 0
 SHAPES: dict[str, tuple[str, dict, int]] = {  # shape -> (model_type, config fields, layers)
     "llama-3-8b": (
@@ -52,7 +54,7 @@ SHAPES: dict[str, tuple[str, dict, int]] = {  # shape -> (model_type, config fie
 }
 
 
-class SyntheticError(ValueError):
+class SyntheticError(BadInput):
     """A synthetic spec that names no known shape; the message is one line."""
 
 

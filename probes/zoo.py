@@ -70,6 +70,7 @@ from transformers.utils import logging as hf_logging
 
 from sparsescope.probes.data import stdlib_docs
 from sparsescope.probes.tokenizer import encode_stream, train_tokenizer
+from sparsescope.store.errors import BadInput
 
 CODE_VERSION = 1  # bump when a change to the training code changes the trained weights
 _THREADS = 2  # fixed torch thread count while training, for reproducible results
@@ -77,7 +78,7 @@ _HF_ACT = {"relu": "relu", "gelu": "gelu_new", "silu": "silu"}
 ACT_FNS = (*_HF_ACT, "swiglu")
 
 
-class ZooError(ValueError):
+class ZooError(BadInput):
     """Bad zoo request (unknown preset, model or step; zoo not trained): one clear line."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from sparsescope.store.errors import StoreError
+from sparsescope.store.errors import BadInput, StoreError
 from sparsescope.store.globs import glob_literal, sql_string
 
 ROW_LIMIT = 10_000
@@ -26,7 +26,7 @@ MEMORY_LIMIT = 4 << 30  # bytes of data the console's process may hold
 _START_S = 20  # time a child gets to start (imports) beyond the query's limit
 
 
-class SqlRefused(Exception):
+class SqlRefused(BadInput):
     """The statement is not allowed or failed; the message is one line."""
 
 

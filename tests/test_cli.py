@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,23 +59,17 @@ def test_sql_refusals_exit_2_and_leave_store_unchanged(store_copy, query, needle
     assert fingerprint(store_copy) == before
 
 
-def _readme_sql() -> list[str]:
-    """Every statement of the README's ```sql blocks."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
-    return [q.strip() for b in blocks for q in re.split(r";\s*\n", b) if q.strip()]
-
-
 def test_every_readme_query_runs_on_a_store(minilm_store):
     """The README's SQL runs in the sandbox; its first query equals numpy on the probe's rows."""
+    from sparsescope.app.bench_store import README, readme_queries
     from sparsescope.store.console import run_sql
     from sparsescope.store.reader import Reader
 
-    queries = _readme_sql()
+    queries = readme_queries(README.read_text())
     assert len(queries) >= 8
     results = [run_sql(minilm_store, q.rstrip(";")).table.to_pandas() for q in queries]
     ratio = results[0]
-    assert "activation ratio per layer" in queries[0] and len(ratio) == 6
+    assert "FROM layer_summary" in queries[0] and len(ratio) == 6
     n_active = Reader(minilm_store).sql("SELECT layer, n_active FROM layer_token_stats")
     expected = n_active.groupby("layer")["n_active"].mean().to_numpy() / 1536
     np.testing.assert_allclose(ratio.sort_values("layer")["activation_ratio"], expected)
