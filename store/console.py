@@ -9,8 +9,13 @@ time limit, so no query (not even one long function call) outlives either.
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import os
 import resource
+import select
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,27 +77,53 @@ def sandbox(con: duckdb.DuckDBPyConnection, data_dir: Path, memory_bytes: int) -
     con.execute("SET lock_configuration = true")
 
 
-def _child(root: str, query: str, row_limit: int, memory_bytes: int, out) -> None:
-    """Send ("ready", None) once sandboxed, then ("ok", Arrow IPC bytes) or (kind, a
-    one-line message)."""
+def _serve() -> None:
+    """The child: read the request (JSON on stdin), sandbox, answer on stdout with a line
+    ``ready``, then a line with the kind (``ok``, ``store`` or ``refused``) and its payload
+    (Arrow IPC bytes, or a one-line message)."""
+    out = sys.stdout.buffer
+
+    def answer(kind: str, payload: bytes) -> None:
+        out.write(kind.encode() + b"\n" + payload)
+        out.flush()
+
+    request = json.loads(sys.stdin.read())
+    memory = request["memory_bytes"]
     try:
-        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
         from sparsescope.store.reader import Reader
 
-        reader = Reader(root)
-        sandbox(reader.con, reader.data_dir, memory_bytes)
-        out.send(("ready", None))  # the time limit starts now
-        rows = reader.run(lambda cur: cur.sql(query).limit(row_limit + 1).to_arrow_table())
+        reader = Reader(request["root"])
+        sandbox(reader.con, reader.data_dir, memory)
+        out.write(b"ready\n")  # the time limit starts now
+        out.flush()
+        limit = request["row_limit"] + 1
+        rows = reader.run(lambda cur: cur.sql(request["query"]).limit(limit).to_arrow_table())
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema) as stream:
             stream.write_table(rows)
-        out.send(("ok", sink.getvalue().to_pybytes()))
+        answer("ok", sink.getvalue().to_pybytes())
     except StoreError as err:
-        out.send(("store", str(err)))
+        answer("store", str(err).encode())
     except MemoryError:
-        out.send(("refused", "the query ran out of the console's memory limit"))
+        answer("refused", b"the query ran out of the console's memory limit")
     except Exception as err:  # noqa: BLE001 (any failure of the user's query is one line)
-        out.send(("refused", _first_line(err)))
+        answer("refused", _first_line(err).encode())
+
+
+def _read(proc: subprocess.Popen, timeout: float, line: bool = False) -> bytes | None:
+    """The child's output up to a newline (``line``) or to its end, or None when
+    ``timeout`` seconds pass first."""
+    deadline, chunks = time.monotonic() + timeout, []
+    fd = proc.stdout.fileno()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 if line else 1 << 20)
+        chunks.append(chunk)
+        if not chunk or (line and chunk == b"\n"):
+            return b"".join(chunks)
 
 
 def run_sql(
@@ -104,28 +135,36 @@ def run_sql(
 ) -> SqlResult:
     """Run one user query in a sandboxed child process on the store at ``root``."""
     check_statement(query)
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(
-        target=_child, args=(str(root), query, row_limit, memory_bytes, send), daemon=True
+    request = {"root": str(root), "query": query, "row_limit": row_limit}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsescope.store.console"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
-    child.start()
-    send.close()
     try:
-        kind, payload = receive.recv() if receive.poll(_START_S) else ("refused", "no start")
-        if kind == "ready":
-            if not receive.poll(time_limit_s):
+        proc.stdin.write(json.dumps(request | {"memory_bytes": memory_bytes}).encode())
+        proc.stdin.close()
+        first = _read(proc, _START_S, line=True)
+        if first == b"ready\n":  # the sandbox is set: the query's time starts
+            reply = _read(proc, time_limit_s)
+            if reply is None:
                 raise SqlRefused(f"the query ran past the {time_limit_s:g} s time limit")
-            kind, payload = receive.recv()
-    except EOFError:
-        raise SqlRefused("the query ran out of the console's memory limit") from None
+        else:  # it failed before the query (a bad store), or did not start
+            reply = (first or b"") + (_read(proc, _START_S) or b"")
     finally:
-        child.kill()
-        child.join()
-        receive.close()
-    if kind == "store":
-        raise StoreError(payload)
-    if kind != "ok":
-        raise SqlRefused(payload)
+        proc.kill()
+        proc.wait()
+    kind, _, payload = reply.partition(b"\n")
+    if kind == b"store":
+        raise StoreError(payload.decode())
+    if kind == b"refused":
+        raise SqlRefused(payload.decode())
+    if kind != b"ok":
+        raise SqlRefused("the query ran out of the console's memory limit")
     rows = pa.ipc.open_stream(payload).read_all()
     return SqlResult(rows.slice(0, row_limit), rows.num_rows > row_limit)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -7,21 +7,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from sparsescope.app.bench_store import DASHBOARD as DASHBOARD_PATH
+from sparsescope.app.bench_store import PAGES
 from sparsescope.app.state import STORE_ENV
 
-DASHBOARD = str(Path(__file__).parents[1] / "app" / "dashboard.py")
-PAGES = [
-    "views/overview.py",
-    "views/sparsity.py",
-    "views/sparsity_laws.py",
-    "views/dead_neurons.py",
-    "views/neuron_browser.py",
-    "views/hash_codes.py",
-    "views/sae_features.py",
-    "views/kernels.py",
-    "views/circuits.py",
-    "views/sql_console.py",
-]
+DASHBOARD = str(DASHBOARD_PATH)
 
 
 def _app(monkeypatch, store: Path) -> AppTest:

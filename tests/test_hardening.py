@@ -289,6 +289,7 @@ def test_fuzz_codes_specs(spec):
 )
 def test_fuzz_cli_store_and_format_options(tmp_path_factory, store, fmt, command):
     cwd = tmp_path_factory.mktemp("cli")
+    store, fmt = store.replace("\x00", ""), fmt.replace("\x00", "")  # argv holds no NUL
     args = [*command, "--store", store or "."]
     if command == ["runs"]:
         args += ["--format", fmt or "x"]

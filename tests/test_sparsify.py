@@ -30,6 +30,7 @@ from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import load_model
 from sparsescope.probes.sparsified import parse_sparsify
 from sparsescope.store.reader import Reader
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).parents[1]
 TARGET_METHODS = [m for m in METHODS if m != "relu-exact"]
@@ -295,9 +296,9 @@ def test_sparsify_eval_cli_on_minilm(tmp_path):
     relu, thr = df.iloc[0], df.iloc[1]
     assert relu["method"] == "relu-exact" and relu["sparse_value"] < 1e-5  # GELU: no exact zeros
     assert thr["sparse_value"] > 1e-3 and abs(thr["achieved_sparsity"] - 0.5) < 0.06
-    bad = CliRunner().invoke(kernels_app, ["sparsify-eval", "--model", "minilm", "--methods",
-                                           "teal", "--store", str(tmp_path)])  # fmt: skip
-    assert bad.exit_code == 2 and "unknown" in bad.output
+    bad = run_cli("sparsify-eval", "--model", "minilm", "--methods", "teal", "--store",
+                  str(tmp_path))  # fmt: skip
+    assert bad.returncode == 2 and "unknown" in bad.stderr
 
 
 def _bench_store(tmp_path: Path) -> tuple[Path, list[dict]]:
@@ -321,9 +322,8 @@ def test_bench_kernels_from_json_round_trips(tmp_path):
         assert g == pytest.approx({k: w[k] for k in g})
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
-    result = CliRunner().invoke(kernels_app, ["bench-kernels", "--store", str(store),
-                                              "--from-json", str(bad)])  # fmt: skip
-    assert result.exit_code == 2 and "not valid JSON" in result.output
+    result = run_cli("bench", "kernels", "--store", str(store), "--from-json", str(bad))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
 
 
 def test_kernels_page(monkeypatch, tmp_path, loaded):
