@@ -67,12 +67,17 @@ class LoadedModel:
 
     @contextmanager
     def fast_attention(self) -> Iterator[None]:
-        """Run attention with SDPA while no probe needs attention patterns (same outputs).
+        """Run attention with SDPA while no probe needs attention patterns (same outputs),
+        on model classes that declare SDPA support (``_supports_sdpa``); others keep theirs.
 
         The bridge forces eager attention so that ``hook_pattern`` can fire; the MLP
         probes never read it, so they need not pay for it.
         """
-        config = self.bridge.original_model.config
+        model = self.bridge.original_model
+        if not getattr(type(model), "_supports_sdpa", False):  # e.g. Bloom: its attention is
+            yield  # eager whatever the setting, and under "sdpa" its causal mask is not built
+            return
+        config = model.config
         previous = config._attn_implementation
         config._attn_implementation = "sdpa"
         try:
@@ -200,6 +205,19 @@ def resolve_dtype(dtype: str, device: str, where: str) -> torch.dtype:
     return DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")), torch.float32)
 
 
+_ACT_KEYS = ("hidden_act", "hidden_activation", "activation_function", "activation")
+_FIXED_ACT = {"bloom": "gelu"}  # model types whose MLP activation no config key names
+
+
+def act_fn_of(hf_config, bridge_act: str | None = None) -> str:
+    """The MLP activation, from the Hugging Face config whatever its key (else the bridge's)."""
+    for key in _ACT_KEYS:
+        value = getattr(hf_config, key, None)
+        if isinstance(value, str):
+            return value
+    return _FIXED_ACT.get(getattr(hf_config, "model_type", ""), str(bridge_act))
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a model spec as a TransformerBridge in eval mode, on ``device`` in ``dtype``
     (``auto``: see ``resolve_device`` and ``resolve_dtype``)."""
@@ -229,7 +247,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     cfg = bridge.cfg
     info = {
         "model_id": spec,
-        "act_fn": str(getattr(cfg, "act_fn", None)),
+        "act_fn": act_fn_of(bridge.original_model.config, getattr(cfg, "act_fn", None)),
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
         "d_mlp": cfg.d_mlp,
