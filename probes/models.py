@@ -37,7 +37,9 @@ class LoadedModel:
 
     @property
     def d_mlp(self) -> int:
-        return self.bridge.cfg.d_mlp
+        """The width of ``mlp.hook_post`` as the model computes it (measured at load: the
+        bridge's config can differ, e.g. OPT's ``ffn_dim``)."""
+        return int(self.info.get("d_mlp") or self.bridge.cfg.d_mlp)
 
     @property
     def n_ctx(self) -> int:
@@ -205,6 +207,24 @@ def resolve_dtype(dtype: str, device: str, where: str) -> torch.dtype:
     return DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")), torch.float32)
 
 
+def _mlp_width(bridge, configured: int) -> int:
+    """The last dimension of layer 0's ``mlp.hook_post`` on a one-token forward."""
+    point = bridge.hook_dict.get("blocks.0.mlp.hook_post")
+    if point is None:
+        return configured
+    seen = []
+    point.add_hook(lambda t, hook: seen.append(t.shape[-1]))
+    try:
+        device = next(bridge.original_model.parameters()).device
+        with torch.inference_mode():
+            bridge.original_model.base_model(
+                input_ids=torch.zeros(1, 1, dtype=torch.long, device=device)
+            )
+    finally:
+        point.remove_hooks()
+    return int(seen[0]) if seen else configured
+
+
 _ACT_KEYS = ("hidden_act", "hidden_activation", "activation_function", "activation")
 _FIXED_ACT = {"bloom": "gelu"}  # model types whose MLP activation no config key names
 
@@ -250,7 +270,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         "act_fn": act_fn_of(bridge.original_model.config, getattr(cfg, "act_fn", None)),
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
-        "d_mlp": cfg.d_mlp,
+        "d_mlp": _mlp_width(bridge, cfg.d_mlp),
         "n_params": sum(p.numel() for p in bridge.original_model.parameters()),
         "path": where,
     }
