@@ -14,10 +14,17 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 
 
-def firing_source(post: Array, gate_pre: Array | None = None) -> Array:
+def firing_source(post: Array, gate_pre: Array | None = None, computed_only: bool = False) -> Array:
     """The array whose positive entries fire: the gate pre-activation of a gated MLP, else
-    the hidden activation itself."""
-    return gate_pre if gate_pre is not None else post
+    the hidden activation itself.
+
+    ``computed_only`` (a sparsified model, METHODS.md §1/§7): a neuron fires only where the
+    sparse MLP computes it. ``post`` is then the activation after the sparse mask, so a plain
+    MLP's rule is unchanged, and a gated neuron needs its gate to fire and its activation
+    not to have been zeroed."""
+    if gate_pre is None:
+        return post
+    return gate_pre * (post != 0) if computed_only else gate_pre
 
 
 def firing(post: Array, gate_pre: Array | None = None) -> Array:

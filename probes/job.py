@@ -118,7 +118,7 @@ def make_probes(model: LoadedModel, config: ProbeConfig) -> tuple[list, list[tup
     stats_device = None if model.device.type == "cpu" else model.device
     mlp = MlpProbe(
         model.n_layers, model.d_mlp, model.gated, config.top_k, code_policy(model, config),
-        stats_device,
+        stats_device, sparse=config.sparsify is not None,
     )  # fmt: skip
     return [mlp] + [probe for _, probe in saes], saes
 

@@ -113,7 +113,8 @@ STATE = ("n_active", "sum", "sum_sq", "max", "top_val", "top_key")
 class MlpProbe:
     """Streaming firing statistics of every MLP layer.
 
-    ``stats_device``: None computes on the host (numba); a torch device computes there."""
+    ``stats_device``: None computes on the host (numba); a torch device computes there.
+    ``sparse``: the model runs sparsified, so firing counts the neurons its MLP computes."""
 
     def __init__(
         self,
@@ -123,8 +124,10 @@ class MlpProbe:
         top_k: int = TOP_K,
         codes: CodePolicy = CodePolicy(),
         stats_device: torch.device | str | None = None,
+        sparse: bool = False,
     ):
         self.n_layers, self.d_mlp, self.gated, self.top_k = n_layers, d_mlp, gated, top_k
+        self.sparse = sparse  # the model runs sparsified: count what its MLP computes
         self.codes = codes
         self.stats_device = torch.device(stats_device) if stats_device is not None else None
         self.n_tokens = 0
@@ -188,7 +191,7 @@ class MlpProbe:
 
     def _device_layer(self, layer: int, values: torch.Tensor, gate: torch.Tensor | None) -> None:
         """Statistics of one layer on the device, as soon as its activation is there."""
-        fires = firing_source(values, gate) > 0
+        fires = firing_source(values, gate, self.sparse) > 0
         rows = device_stats.token_rows(values, fires)
         if self.codes.keeps_layer(layer):
             kept = fires if self._code_rows is None else fires[self._device_code_rows]
@@ -226,7 +229,7 @@ class MlpProbe:
         tasks, outputs = [], []
         for layer, values, gate in pending:
             n, d = values.shape
-            fire_src = firing_source(values, gate)
+            fire_src = firing_source(values, gate, self.sparse)
             out = {
                 "packed": np.empty((n, (d + 7) // 8), dtype=np.uint8),
                 "n_active": np.empty(n, dtype=np.int32),

@@ -121,3 +121,26 @@ def test_merge_top_k_orders_signed_values_and_ties_like_a_stable_sort():
     np.testing.assert_array_equal(
         top_val.numpy(), np.where(np.isnan(expected_val), -np.inf, expected_val)
     )
+
+
+def test_sparse_gated_firing_counts_only_computed_neurons_on_both_paths():
+    """A sparsified gated MLP: a neuron fires where its gate fires and the sparse mask kept
+    its activation (a ≠ 0 at hook_post)."""
+    batches = _batches(gated=True, relu=False, d=24, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    for _, layers in batches:
+        for _gate, post in layers:
+            post[torch.rand(post.shape, generator=gen) < 0.5] = 0.0  # the sparse mask
+    host = MlpProbe(2, 24, True, top_k=3, sparse=True)
+    device = MlpProbe(2, 24, True, top_k=3, sparse=True, stats_device="cpu")
+    host_rows, device_rows = _feed(host, batches), _feed(device, batches)
+    gates = np.concatenate([b[1][1][0].reshape(-1, 24).numpy() for b in batches])
+    posts = np.concatenate([b[1][1][1].reshape(-1, 24).numpy() for b in batches])
+    fires = (gates > 0) & (posts != 0)
+    for probe in (host, device):
+        np.testing.assert_array_equal(probe.n_active[1], fires.sum(0))
+    for rows in (host_rows, device_rows):
+        layer1 = rows["layer_token_stats"].filter(
+            pa.compute.equal(rows["layer_token_stats"]["layer"], 1)
+        )
+        np.testing.assert_array_equal(layer1["n_active"].to_numpy(), fires.sum(1))

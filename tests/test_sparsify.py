@@ -202,28 +202,41 @@ def test_parse_sparsify():
             parse_sparsify(bad)
 
 
-def test_probes_run_unchanged_on_a_sparsified_model(loaded, tmp_path):
-    """``ProbeConfig(sparsify=...)``: the stored firing counts are those of what the sparse
-    down projections multiply (a global torch pre-hook on every SparseLinear), and the job
-    leaves the dense model behind."""
+@pytest.mark.parametrize("name", ["gpt2-gelu", "llama"])
+def test_probes_see_what_the_sparse_model_computes(loaded, tmp_path, name):
+    """``ProbeConfig(sparsify=...)``: the stored firing counts are the neurons the sparse
+    down projections multiply (a global torch hook on every SparseLinear input and, for the
+    gated MLP, on the gate projection's output: gate > 0 and a ≠ 0), and the job leaves the
+    dense model behind."""
     from sparsescope.kernels.sparsify import SparseLinear
     from sparsescope.probes.job import ProbeConfig, probe_model
 
-    model, _, _ = loaded["gpt2-gelu"]
+    model, _, _ = loaded[name]
     config = ProbeConfig(max_tokens=512, seq_len=64, batch_size=4, sparsify="threshold:0.7")
     outs = [b.mlp.out for b in model.bridge.blocks]
+    gates = [getattr(b.mlp, "gate", None) for b in model.bridge.blocks]
     seen: list[list[torch.Tensor]] = [[] for _ in outs]
+    gate_out: dict[int, torch.Tensor] = {}
 
     def count(module, args):
         for layer, out in enumerate(outs):
             if module is out.original_component and isinstance(module, SparseLinear):
-                seen[layer].append((args[0] > 0).sum(-1).flatten())
+                a = args[0].reshape(-1, args[0].shape[-1])
+                fires = a > 0 if gates[layer] is None else (gate_out.pop(layer) > 0) & (a != 0)
+                seen[layer].append(fires.sum(-1))
 
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    def gate_hook(module, args, out):
+        for layer, gate in enumerate(gates):
+            if gate is not None and module is gate.original_component:
+                gate_out[layer] = out.reshape(-1, out.shape[-1])
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(count),
+             torch.nn.modules.module.register_module_forward_hook(gate_hook)]  # fmt: skip
     try:
         run_id = probe_model(model, "stdlib-docs", tmp_path, config, quiet=True)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert not any(isinstance(out.original_component, SparseLinear) for out in outs)
     stats = Reader(tmp_path).sql(
         "SELECT layer, n_active FROM layer_token_stats WHERE run_id = ?"
