@@ -225,6 +225,15 @@ def _mlp_width(bridge, configured: int) -> int:
     return int(seen[0]) if seen else configured
 
 
+def _architecture(where: str) -> str:
+    """`` (architecture X)`` from a local folder's config.json, for error messages."""
+    try:
+        names = json.loads((Path(where) / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (architecture {', '.join(map(str, names))})" if isinstance(names, list) else ""
+
+
 _ACT_KEYS = ("hidden_act", "hidden_activation", "activation_function", "activation")
 _FIXED_ACT = {"bloom": "gelu"}  # model types whose MLP activation no config key names
 
@@ -262,7 +271,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         )
     except Exception as err:  # the bridge raises many types; report one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {spec!r}: {first}") from None
+        arch = _architecture(where)
+        raise ModelError(f"cannot load model {spec!r}{arch}: {first}") from None
     bridge.eval()
     cfg = bridge.cfg
     info = {

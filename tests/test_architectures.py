@@ -117,3 +117,16 @@ def test_probe_equals_the_models_own_forward(tmp_path, model_type):
         per_neuron = neurons[neurons["layer"] == layer]["n_active"].to_numpy()
         np.testing.assert_array_equal(per_neuron, f.sum(0), err_msg=where)
         np.testing.assert_array_equal(codes[layer], np.packbits(f, 1, bitorder="big"), where)
+
+
+def test_an_architecture_the_bridge_cannot_boot_is_named_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        '{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}'
+    )
+    out = run_cli("probe", "--model", str(folder), "--store", str(tmp_path / "s"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "architecture NoSuchForCausalLM" in out.stderr and not (tmp_path / "s").exists()
