@@ -55,7 +55,10 @@ def probe(
         ..., "--model", help="minilm, zoo:<name>[@step|@all], a folder or org/name."
     ),
     data: str = typer.Option(
-        "stdlib-docs", "--data", help="stdlib-docs[:heldout], a .txt or .jsonl file."
+        "stdlib-docs",
+        "--data",
+        help="stdlib-docs[:heldout]; a .txt, .jsonl or .parquet file or a datasets folder"
+        " (PATH:COLUMN names the text column).",
     ),
     store: Path = StoreOpt,
     max_tokens: int = typer.Option(100_000, "--max-tokens", min=1),

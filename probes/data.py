@@ -6,7 +6,9 @@ A data spec is a string:
   the running interpreter's standard library, parsed with ``ast`` (nothing is
   imported), in sorted file order;
 - a path to a ``.txt`` file (documents separated by blank lines);
-- a path to a ``.jsonl`` file with a ``text`` field on every line.
+- a path to a ``.jsonl`` file with a ``text`` field on every line;
+- a ``.parquet`` file or a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``), its
+  ``text`` column or the one named as ``PATH:COLUMN``, streamed a batch of rows at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sparsescope.store.errors import BadInput
 
@@ -125,7 +130,7 @@ def _txt_documents(path: Path) -> Iterator[str]:
             yield from _pieces(text)
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
+def _jsonl_documents(path: Path, column: str = "text") -> Iterator[str]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -136,10 +141,71 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             except (RecursionError, ValueError) as e:  # nesting too deep, huge integers
                 raise DataError(f"{path}:{lineno}: JSON this reader refuses ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f'{path}:{lineno}: each line needs a string field "text"')
-            if text := _clean(row["text"]):
+            if not isinstance(row, dict) or not isinstance(row.get(column), str):
+                raise DataError(f'{path}:{lineno}: each line needs a string field "{column}"')
+            if text := _clean(row[column]):
                 yield from _pieces(text)
+
+
+def _columns(batches: Iterator, column: str, where: str) -> Iterator[str]:
+    """The cleaned, cut documents of one string column of Arrow record batches."""
+    for batch in batches:
+        values = batch.column(column)
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise DataError(f"{where}: column {column!r} holds {values.type}, not text")
+        for text in values.to_pylist():
+            if text and (text := _clean(text)):
+                yield from _pieces(text)
+
+
+def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+    """A Parquet file's text column, streamed a row batch at a time."""
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"data {str(path)!r} is not a readable Parquet file ({err})") from None
+    if column not in f.schema_arrow.names:
+        raise DataError(
+            f"data {str(path)!r} has no column {column!r}: its columns are"
+            f" {', '.join(f.schema_arrow.names)}; name one as {path}:COLUMN"
+        )
+    yield from _columns(f.iter_batches(batch_size=1024, columns=[column]), column, str(path))
+
+
+def _dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a ``datasets`` folder written by ``Dataset.save_to_disk``."""
+    if (folder / "dataset_dict.json").is_file():
+        raise DataError(f"data {str(folder)!r} holds several splits: name one, e.g. {folder}/train")
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        return [folder / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(
+            f"data {str(folder)!r} is a folder but not a `datasets` folder (save_to_disk)"
+        ) from None
+
+
+def _dataset_documents(folder: Path, column: str) -> Iterator[str]:
+    """A ``datasets`` folder's text column, streamed a record batch at a time."""
+    for file in _dataset_files(folder):
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"data {str(file)!r} is not an Arrow file ({err})") from None
+        if column not in reader.schema.names:
+            raise DataError(
+                f"data {str(folder)!r} has no column {column!r}: its columns are"
+                f" {', '.join(reader.schema.names)}; name one as {folder}:COLUMN"
+            )
+        yield from _columns(reader, column, str(folder))
+
+
+def _locate(spec: str) -> tuple[Path, str]:
+    """(path, text column) of a file spec: ``PATH`` or ``PATH:COLUMN`` (default ``text``)."""
+    head, sep, column = spec.rpartition(":")
+    if not Path(spec).exists() and sep and column.isidentifier() and Path(head).exists():
+        return Path(head), column
+    return Path(spec), "text"
 
 
 def validate(spec: str) -> None:
@@ -149,15 +215,14 @@ def validate(spec: str) -> None:
         if split not in _SPLITS:
             raise DataError(f"unknown split {split!r} of {STDLIB}: use one of {', '.join(_SPLITS)}")
         return
-    path = Path(spec)
-    if path.is_dir():
-        raise DataError(f"data {spec!r} is a folder: give stdlib-docs, a .txt or a .jsonl file")
-    if not path.is_file():
-        raise DataError(f"data {spec!r} not found: give stdlib-docs, a .txt or a .jsonl file")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"data {spec!r}: unsupported file type; use .txt or .jsonl")
+    path, _ = _locate(spec)
+    kinds = "stdlib-docs, a .txt, .jsonl or .parquet file, or a `datasets` folder"
+    if not path.exists():
+        raise DataError(f"data {spec!r} not found: give {kinds}")
+    if path.is_file() and path.suffix not in (".txt", ".jsonl", ".parquet"):
+        raise DataError(f"data {spec!r}: unsupported file type; give {kinds}")
     try:
-        if sum(1 for _ in documents(spec)) == 0:  # reads the whole file: errors surface now
+        if sum(1 for _ in documents(spec)) == 0:  # reads the whole input: errors surface now
             raise DataError(f"data {spec!r} holds no text")
     except UnicodeDecodeError:
         raise DataError(f"data {spec!r} is not UTF-8 text") from None
@@ -167,7 +232,11 @@ def documents(spec: str) -> Iterator[str]:
     """Stream the documents of a data spec (see the module docstring)."""
     if spec == STDLIB or spec.startswith(STDLIB + ":"):
         return stdlib_docs(spec.partition(":")[2] or "train")
-    path = Path(spec)
+    path, column = _locate(spec)
+    if path.is_dir():
+        return _dataset_documents(path, column)
+    if path.suffix == ".parquet":
+        return _parquet_documents(path, column)
     if path.suffix == ".jsonl":
-        return _jsonl_documents(path)
+        return _jsonl_documents(path, column)
     return _txt_documents(path)
