@@ -147,8 +147,14 @@ def _jsonl_documents(path: Path, column: str = "text") -> Iterator[str]:
                 yield from _pieces(text)
 
 
-def _columns(batches: Iterator, column: str, where: str) -> Iterator[str]:
-    """The cleaned, cut documents of one string column of Arrow record batches."""
+def _columns(names: list[str], batches: Iterator, column: str, where: Path) -> Iterator[str]:
+    """The cleaned, cut documents of one string column of Arrow record batches (``names``:
+    the columns the source has)."""
+    if column not in names:
+        raise DataError(
+            f"data {str(where)!r} has no column {column!r}: its columns are"
+            f" {', '.join(names)}; name one as {where}:COLUMN"
+        )
     for batch in batches:
         values = batch.column(column)
         if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
@@ -164,12 +170,8 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
         f = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"data {str(path)!r} is not a readable Parquet file ({err})") from None
-    if column not in f.schema_arrow.names:
-        raise DataError(
-            f"data {str(path)!r} has no column {column!r}: its columns are"
-            f" {', '.join(f.schema_arrow.names)}; name one as {path}:COLUMN"
-        )
-    yield from _columns(f.iter_batches(batch_size=1024, columns=[column]), column, str(path))
+    batches = f.iter_batches(batch_size=1024, columns=[column])
+    yield from _columns(f.schema_arrow.names, batches, column, path)
 
 
 def _dataset_files(folder: Path) -> list[Path]:
@@ -192,12 +194,7 @@ def _dataset_documents(folder: Path, column: str) -> Iterator[str]:
             reader = pa.ipc.open_stream(pa.memory_map(str(file)))
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"data {str(file)!r} is not an Arrow file ({err})") from None
-        if column not in reader.schema.names:
-            raise DataError(
-                f"data {str(folder)!r} has no column {column!r}: its columns are"
-                f" {', '.join(reader.schema.names)}; name one as {folder}:COLUMN"
-            )
-        yield from _columns(reader, column, str(folder))
+        yield from _columns(reader.schema.names, reader, column, folder)
 
 
 def _locate(spec: str) -> tuple[Path, str]:

@@ -17,3 +17,25 @@ def hooked(bridge, hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
     finally:
         for point in points:
             point.remove_hooks()
+
+
+def hook_widths(bridge, names: Sequence[str]) -> dict[str, int]:
+    """The last dimension of each named hook's activation, from a one-token forward pass of
+    the bridge's backbone (hooks the bridge lacks are left out)."""
+    import torch
+
+    widths: dict[str, int] = {}
+
+    def width(name: str) -> Callable:
+        def record(t, hook):
+            widths[name] = t.shape[-1]
+            return t
+
+        return record
+
+    model = bridge.original_model
+    device = next(model.parameters()).device
+    hooks = [(n, width(n)) for n in names if n in bridge.hook_dict]
+    with torch.inference_mode(), hooked(bridge, hooks):
+        model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    return widths

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.batches import Batch, batches
 from sparsescope.probes.codes import CodePolicy, parse_codes
-from sparsescope.probes.hooks import hooked
+from sparsescope.probes.hooks import hook_widths, hooked
 from sparsescope.probes.mlp_probe import MlpProbe
 from sparsescope.probes.models import (
     LoadedModel,
@@ -73,29 +73,12 @@ def _progress(total: int | None, quiet: bool) -> Progress:
     )
 
 
-def _hook_widths(model: LoadedModel, names: list[str], device: str) -> dict[str, int]:
-    """The last dimension of each hook's activation, from a one-token forward pass."""
-    widths: dict[str, int] = {}
-
-    def width(name: str):
-        def record(t: torch.Tensor, hook) -> torch.Tensor:
-            widths[name] = t.shape[-1]
-            return t
-
-        return record
-
-    hooks = [(n, width(n)) for n in names]
-    with torch.inference_mode(), hooked(model.bridge, hooks):
-        model.backbone()(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
-    return widths
-
-
 def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeProbe]]:
     saes = [(path, load_sae(path, model.device)) for path in config.saes]
     for path, sae in saes:
         if sae.hook_name not in model.bridge.hook_dict:
             raise ModelError(f"SAE {path} hooks {sae.hook_name}, which {model.model_id} lacks")
-    widths = _hook_widths(model, [sae.hook_name for _, sae in saes], model.device) if saes else {}
+    widths = hook_widths(model.bridge, [sae.hook_name for _, sae in saes]) if saes else {}
     for path, sae in saes:
         if widths.get(sae.hook_name) != sae.d_in:
             raise ModelError(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sparsescope.probes.hooks import hook_widths
 from sparsescope.store.errors import BadInput
 
 
@@ -175,6 +176,7 @@ def _locate(spec: str) -> tuple[str, dict]:
     )
 
 
+POST_0 = "blocks.0.mlp.hook_post"  # its width is the MLP's, as the model computes it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -205,24 +207,6 @@ def resolve_dtype(dtype: str, device: str, where: str) -> torch.dtype:
     except (OSError, ValueError):
         config = {}
     return DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")), torch.float32)
-
-
-def _mlp_width(bridge, configured: int) -> int:
-    """The last dimension of layer 0's ``mlp.hook_post`` on a one-token forward."""
-    point = bridge.hook_dict.get("blocks.0.mlp.hook_post")
-    if point is None:
-        return configured
-    seen = []
-    point.add_hook(lambda t, hook: seen.append(t.shape[-1]))
-    try:
-        device = next(bridge.original_model.parameters()).device
-        with torch.inference_mode():
-            bridge.original_model.base_model(
-                input_ids=torch.zeros(1, 1, dtype=torch.long, device=device)
-            )
-    finally:
-        point.remove_hooks()
-    return int(seen[0]) if seen else configured
 
 
 def _architecture(where: str) -> str:
@@ -280,7 +264,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         "act_fn": act_fn_of(bridge.original_model.config, getattr(cfg, "act_fn", None)),
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
-        "d_mlp": _mlp_width(bridge, cfg.d_mlp),
+        "d_mlp": hook_widths(bridge, [POST_0]).get(POST_0, cfg.d_mlp),
         "n_params": sum(p.numel() for p in bridge.original_model.parameters()),
         "path": where,
     }
