@@ -157,11 +157,11 @@ def run_codes(
     """Token keys (seq_id, pos, token_id) and packed codes per layer, rows in key order:
     the tokens whose codes the run kept (all of them, or the sample of ``--codes every:K``)
     up to sequence ``last_seq``."""
-    first = _FIRST_LAYER
     bound = {"run": run_id, "last": last_seq}
     keys = reader.sql(
         "SELECT seq_id, pos, token_id FROM tokens t SEMI JOIN (SELECT seq_id, pos FROM hash_codes"
-        f" WHERE run_id = $run AND layer = {first} AND seq_id <= $last) h USING (seq_id, pos)"
+        f" WHERE run_id = $run AND layer = {_FIRST_LAYER} AND seq_id <= $last) h"
+        " USING (seq_id, pos)"
         " WHERE t.run_id = $run AND t.seq_id <= $last ORDER BY seq_id, pos",
         bound,
     )

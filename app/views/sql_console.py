@@ -6,14 +6,15 @@ from sparsescope.app.output import cell_text, frame
 from sparsescope.app.state import reader
 from sparsescope.store.console import ROW_LIMIT, SqlRefused, run_sql
 
-EXAMPLE = """SELECT layer, avg(n_active) AS mean_active
-FROM layer_token_stats
+EXAMPLE = """SELECT layer, sum(n_active) / sum(n_tokens) AS mean_active
+FROM layer_summary
 GROUP BY layer ORDER BY layer"""
 
 st.title("SQL")
 r = reader()
 st.caption(
-    "Tables: runs, models, saes, tokens, layer_token_stats, neuron_stats, neuron_top, "
+    "Tables: runs, models, saes, tokens, layer_token_stats, layer_summary, neuron_stats, "
+    "neuron_top, "
     "hash_codes, thresholds, ... (complete runs only). One SELECT; read-only; "
     f"at most {ROW_LIMIT:,} rows."
 )
