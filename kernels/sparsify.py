@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sparsescope.store.errors import BadInput
+
 from . import ops, reference, thresholds, triton_mlp
 
 METHODS = tuple(thresholds.METHODS)
@@ -36,6 +38,11 @@ INPUT_SIDE = ("threshold", "wina")  # methods that also sparsify the gate/up inp
 
 
 UNION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+CALIBRATION_BATCHES = 4  # of 16 × 128 tokens, when calibrating on data
+
+
+class SparsifyError(BadInput):
+    """A sparsify request cannot be carried out; the message is one line."""
 
 
 def union_sparsity(kept: torch.Tensor) -> dict[int, float]:
@@ -145,6 +152,12 @@ class SparseHandle:
         while self._undo:
             self._undo.pop()()
 
+    def __enter__(self) -> SparseHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
 
 def _bridge(model):
     return getattr(model, "bridge", model)
@@ -181,7 +194,7 @@ def _act(bridge) -> Callable[[torch.Tensor], torch.Tensor]:
     name = str(getattr(bridge.cfg, "act_fn", "relu"))
     key = next((k for k in reference.ACTIVATIONS if name.startswith(k)), None)
     if key is None:
-        raise ValueError(f"activation {name!r} is not one of {', '.join(reference.ACTIVATIONS)}")
+        raise SparsifyError(f"activation {name!r} is not one of {', '.join(reference.ACTIVATIONS)}")
     return reference.ACTIVATIONS[key]
 
 
@@ -232,7 +245,7 @@ def capture(model, batches: Iterable[torch.Tensor], max_rows: int = 8192) -> Cal
         for h in handles:
             h.remove()
     if n == 0:
-        raise ValueError("calibration gave no tokens: pass a non-empty list of token batches")
+        raise SparsifyError("calibration gave no tokens: pass a non-empty list of token batches")
     cat = {name: [torch.cat(rows) for rows in layers] for name, layers in store.items()}
     return Calibration(cat["x"], cat["a"], cat.get("gate"), cat.get("up"))
 
@@ -268,13 +281,30 @@ def _down_keep(method: str, cal: Calibration, layer: int, w_out_t: torch.Tensor,
     return lambda v: thresholds.stat_topk(v.abs(), k) > 0
 
 
-def _check(bridge, method: str, target: float) -> None:
+def _check(bridge, method: str, target: float | None) -> float:
+    """The target to use (relu-exact needs none); refuses bad requests."""
     if method not in METHODS:
-        raise ValueError(f"unknown sparsify method {method!r}: use one of {', '.join(METHODS)}")
+        raise SparsifyError(f"unknown sparsify method {method!r}: use one of {', '.join(METHODS)}")
+    if target is None and method != "relu-exact":
+        raise SparsifyError(f"sparsify method {method!r} needs a target in [0, 1), e.g. 0.5")
+    target = 0.0 if target is None else target
     if not 0.0 <= target < 1.0:
-        raise ValueError(f"sparsify target {target} must be in [0, 1)")
+        raise SparsifyError(f"sparsify target {target} must be in [0, 1)")
     if any(isinstance(m.out.original_component, SparseLinear) for m in _mlps(bridge)):
-        raise ValueError("the model is already sparsified: call restore() on its handle first")
+        raise SparsifyError("the model is already sparsified: call restore() on its handle first")
+    return target
+
+
+def calibration_batches(tokenizer, data, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """The first ``CALIBRATION_BATCHES`` token batches of (validated) data: a data spec or a
+    list of texts."""
+    import itertools
+
+    from sparsescope.probes import data as data_sources
+    from sparsescope.probes.batches import batches
+
+    found = batches(tokenizer, data_sources.documents(data), seq_len, batch_size)
+    return [b.input_ids for b in itertools.islice(found, CALIBRATION_BATCHES)]
 
 
 def _union(keep: Callable, t: torch.Tensor) -> dict[int, float]:
@@ -284,18 +314,30 @@ def _union(keep: Callable, t: torch.Tensor) -> dict[int, float]:
 def sparsify(
     model,
     method: str,
-    target: float,
-    calibration: Calibration | Iterable[torch.Tensor],
+    target: float | None = None,
+    calibration: Calibration | Iterable[torch.Tensor] | str | list[str] = "stdlib-docs",
     crossover: float = reference.DEFAULT_CROSSOVER,
+    seq_len: int = 128,
+    batch_size: int = 16,
 ) -> SparseHandle:
     """Swap every MLP of a TransformerBridge (or a LoadedModel) for a sparse one.
 
-    ``calibration`` is a :class:`Calibration` or token batches to capture one from;
-    ``target`` is the fraction of dropped entries per sparsified input (ignored by
-    relu-exact). Returns the handle whose ``restore()`` brings the dense MLPs back.
+    ``target`` is the fraction of dropped entries per sparsified input (relu-exact needs
+    none). ``calibration`` is a :class:`Calibration`, token batches (``[B, T]`` ids) to
+    capture one from, or data (a data spec or a list of texts) whose first
+    ``CALIBRATION_BATCHES`` batches of ``batch_size × seq_len`` tokens are captured. Returns
+    the handle whose ``restore()`` (or the end of a ``with`` block) brings the dense MLPs back.
     """
     bridge = _bridge(model)
-    _check(bridge, method, target)
+    target = _check(bridge, method, target)
+    if isinstance(calibration, str) or (
+        isinstance(calibration, list | tuple) and calibration and isinstance(calibration[0], str)
+    ):
+        from sparsescope.probes.data import validate
+
+        validate(calibration)
+        tokenizer = getattr(model, "tokenizer", None)
+        calibration = calibration_batches(tokenizer, calibration, seq_len, batch_size)
     cal = calibration if isinstance(calibration, Calibration) else capture(model, calibration)
     gated = _gated(bridge)
     handle = SparseHandle(method, target, 0.0)

@@ -9,6 +9,8 @@ A data spec is a string:
 - a path to a ``.jsonl`` file with a ``text`` field on every line;
 - a ``.parquet`` file or a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``), its
   ``text`` column or the one named as ``PATH:COLUMN``, streamed a batch of rows at a time.
+
+From Python, data may also be a list (or tuple) of strings: one document each.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import hashlib
 import json
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,6 +40,9 @@ _READ_CHARS = 1 << 20
 _BLANK_LINE = re.compile(r"\n\s*\n")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+Data = str | Sequence[str]  # a spec, or the documents themselves (from Python)
 
 
 class DataError(BadInput):
@@ -205,8 +210,12 @@ def _locate(spec: str) -> tuple[Path, str]:
     return Path(spec), "text"
 
 
-def validate(spec: str) -> None:
-    """Check a data spec completely before any work starts (files are read once)."""
+def validate(spec: Data) -> None:
+    """Check a data spec (or a list of texts) completely before any work starts (files are
+    read once)."""
+    if not isinstance(spec, str):
+        _check_texts(spec)
+        return
     if spec == STDLIB or spec.startswith(STDLIB + ":"):
         split = spec.partition(":")[2] or "train"
         if split not in _SPLITS:
@@ -225,8 +234,10 @@ def validate(spec: str) -> None:
         raise DataError(f"data {spec!r} is not UTF-8 text") from None
 
 
-def documents(spec: str) -> Iterator[str]:
-    """Stream the documents of a data spec (see the module docstring)."""
+def documents(spec: Data) -> Iterator[str]:
+    """Stream the documents of a data spec or a list of texts (see the module docstring)."""
+    if not isinstance(spec, str):
+        return (piece for text in map(_clean, spec) for piece in _pieces(text))
     if spec == STDLIB or spec.startswith(STDLIB + ":"):
         return stdlib_docs(spec.partition(":")[2] or "train")
     path, column = _locate(spec)
@@ -237,3 +248,18 @@ def documents(spec: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
         return _jsonl_documents(path, column)
     return _txt_documents(path)
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    if not isinstance(texts, (list, tuple)):
+        raise DataError(f"data must be a spec or a list of strings, not a {type(texts).__name__}")
+    bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise DataError(f"data[{bad}] is a {type(texts[bad]).__name__}, not a string")
+    if not any(_clean(text) for text in texts):
+        raise DataError("the texts hold no text")
+
+
+def label(spec: Data) -> str:
+    """How a run's ``dataset`` names its data: the spec, or ``texts:N`` for a list of texts."""
+    return spec if isinstance(spec, str) else f"texts:{len(spec)}"

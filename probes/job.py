@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from sparsescope.probes.models import (
     LoadedModel,
     ModelError,
     check_dtype,
+    expand,
     load_model,
     resolve_device,
 )
@@ -189,13 +190,13 @@ def write_final(probes: list, write: Callable[[str, object], None]) -> None:
 
 def probe_model(
     model: LoadedModel,
-    data: str,
+    data: data_sources.Data,
     store: Path,
     config: ProbeConfig,
     name: str | None = None,
     quiet: bool = False,
 ) -> str:
-    """Probe a loaded model over a data spec; returns the committed run id."""
+    """Probe a loaded model over validated data (see ``probe``); returns the run id."""
     probes, saes = make_probes(model, config)
     names = TokenNames(model.tokenizer)
     n_tokens = 0
@@ -205,7 +206,7 @@ def probe_model(
                 store,
                 "probe",
                 model.model_id,
-                data,
+                data_sources.label(data),
                 run_config(config, bool(saes), resolved_settings(model, config)),
                 name,
             )
@@ -218,7 +219,7 @@ def probe_model(
             n_tokens += size
             progress.update(task, advance=size)
         if n_tokens == 0:
-            raise data_sources.DataError(f"data {data!r} gave no tokens")
+            raise data_sources.DataError(f"data {data_sources.label(data)!r} gave no tokens")
         write_final(probes, writer.write)
         moved = {"host_bytes": probes[0].host_bytes}  # device -> host, by the MLP probe
         settings = run_config(config, bool(saes), resolved_settings(model, config) | moved)
@@ -228,17 +229,49 @@ def probe_model(
     return run_id
 
 
-def model_specs(model_spec: str, data: str, config: ProbeConfig) -> list[str]:
-    """Validate the data and options of a job; returns the model specs it probes."""
-    from sparsescope.probes.models import expand
-
+def check_job(data: data_sources.Data, config: ProbeConfig) -> None:
+    """Validate the data and options of a job before any work starts."""
     data_sources.validate(data)
     if config.sparsify:
         parse_sparsify(config.sparsify)
     parse_codes(config.codes, n_layers=1 << 20, d_mlp=8)  # the syntax; layers are checked later
     resolve_device(config.device)
     check_dtype(config.dtype)
+
+
+def model_specs(model_spec: str, data: data_sources.Data, config: ProbeConfig) -> list[str]:
+    """Validate the data and options of a job; returns the model specs it probes."""
+    check_job(data, config)
     return expand(model_spec)
+
+
+def probe(
+    model: object,
+    data: data_sources.Data,
+    store: Path | str,
+    config: ProbeConfig | None = None,
+    *,
+    name: str | None = None,
+    quiet: bool = False,
+    tokenizer=None,
+    **options,
+) -> str:
+    """Probe one model over ``data`` into ``store``; returns the committed run id.
+
+    ``model`` is a spec naming one model or a model in memory (a ``TransformerBridge``, a
+    Hugging Face model with its ``tokenizer``, a ``LoadedModel``: see ``load_model``), used
+    where it is; ``data`` a data spec or a list of texts; ``options`` are ``ProbeConfig``
+    fields (``max_tokens=10_000``, ``sparsify="threshold:0.5"``, ...) over ``config``.
+    """
+    known = {f.name for f in fields(ProbeConfig)}
+    if unknown := sorted(set(options) - known):
+        raise TypeError(f"unknown probe option(s) {unknown}: use {sorted(known)}")
+    config = replace(config or ProbeConfig(), **options)
+    check_job(data, config)
+    if isinstance(model, str) and expand(model) != [model]:
+        raise ModelError(f"{model!r} names several checkpoints: probe them one by one")
+    loaded = load_model(model, config.device, config.dtype, tokenizer)
+    return probe_model(loaded, data, Path(store), config, name, quiet)
 
 
 def run_probe(
@@ -249,7 +282,8 @@ def run_probe(
     name: str | None = None,
     quiet: bool = False,
 ) -> list[str]:
-    """Validate inputs, then probe every model the spec names; returns the run ids."""
+    """Validate inputs, then probe every model the spec names (``zoo:<name>@all``: each
+    checkpoint); returns the run ids."""
     run_ids = []
     for spec in model_specs(model_spec, data, config):
         model = load_model(spec, config.device, config.dtype)

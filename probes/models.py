@@ -8,6 +8,7 @@ Hub name ``org/name`` (the only spec that may reach the network).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -231,19 +232,35 @@ def act_fn_of(hf_config, bridge_act: str | None = None) -> str:
     return _FIXED_ACT.get(getattr(hf_config, "model_type", ""), str(bridge_act))
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a model spec as a TransformerBridge in eval mode, on ``device`` in ``dtype``
-    (``auto``: see ``resolve_device`` and ``resolve_dtype``)."""
+def load_model(
+    model: object,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer=None,
+    name: str | None = None,
+) -> LoadedModel:
+    """A model spec, or a model already in memory, as a ``LoadedModel`` in eval mode.
+
+    A spec (see the module docstring) loads on ``device`` in ``dtype`` (``auto``: see
+    ``resolve_device`` and ``resolve_dtype``). A ``TransformerBridge``, a Hugging Face
+    ``PreTrainedModel`` (give its ``tokenizer``) or a ``LoadedModel`` is used where it is,
+    without reloading; ``name`` is its ``model_id`` in the store (default: its config's name).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, str):
+        if device != "auto" or dtype != "auto":
+            raise ModelError("a model in memory stays where it is: move or cast it yourself")
+        return _wrap(model, tokenizer, name)
+    spec = model
     where, extra = _locate(spec)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, where)
     if extra["source"] != "hub":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     hf_model = None
     if extra["source"] == "synthetic":
         from sparsescope.probes import synthetic
@@ -257,6 +274,57 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         arch = _architecture(where)
         raise ModelError(f"cannot load model {spec!r}{arch}: {first}") from None
+    return _loaded(bridge, spec, {"path": where, **extra})
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _wrap(model: object, tokenizer, name: str | None) -> LoadedModel:
+    """A ``LoadedModel`` around a bridge or a Hugging Face model the caller already holds.
+
+    The bridge rewires the module tree it is given (it wraps submodules, forces eager
+    attention), so a Hugging Face model is given as a shadow: a copy of its module tree that
+    shares every parameter and buffer (no weights are copied), the caller's object untouched.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel
+
+    _quiet_transformers()
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            raise ModelError("a Hugging Face model needs its tokenizer: load_model(m, tokenizer=t)")
+        first = next(model.parameters())
+        label = model.config.name_or_path or model.config.model_type
+        shadow = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
+        try:
+            model = TransformerBridge.boot_transformers(
+                label, hf_model=shadow, tokenizer=tokenizer, device=first.device, dtype=first.dtype
+            )
+        except Exception as err:  # as in load_model: one line
+            first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+            raise ModelError(f"cannot wrap {type(model).__name__}: {first_line}") from None
+    elif not isinstance(model, TransformerBridge):
+        raise ModelError(
+            f"cannot probe a {type(model).__name__}: give a model spec, a TransformerBridge,"
+            " or a Hugging Face PreTrainedModel with its tokenizer"
+        )
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
+    if model.tokenizer is None:
+        raise ModelError("the bridge has no tokenizer: pass tokenizer=")
+    config = model.original_model.config
+    model_id = name or config.name_or_path or model.cfg.model_name or config.model_type
+    family = Path(str(model_id)).name
+    return _loaded(model, str(model_id), {"path": "", "source": "memory", "family": family})
+
+
+def _loaded(bridge, spec: str, extra: dict) -> LoadedModel:
+    """Put ``bridge`` in eval mode and describe it as a row of the models table."""
     bridge.eval()
     cfg = bridge.cfg
     info = {
@@ -266,7 +334,6 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         "d_model": cfg.d_model,
         "d_mlp": hook_widths(bridge, [POST_0]).get(POST_0, cfg.d_mlp),
         "n_params": sum(p.numel() for p in bridge.original_model.parameters()),
-        "path": where,
     }
     if getattr(cfg, "gated_mlp", False):
         info["act_fn"] = f"gated-{info['act_fn']}"

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sparsescope.kernels.sparsify import METHODS, SparseHandle, sparsify
+from sparsescope.kernels.sparsify import METHODS, SparseHandle, calibration_batches, sparsify
 from sparsescope.probes import data as data_sources
-from sparsescope.probes.batches import batches
+from sparsescope.probes.data import Data
 from sparsescope.probes.models import LoadedModel
-
-CALIBRATION_BATCHES = 4
 
 
 def parse_sparsify(spec: str) -> tuple[str, float]:
@@ -31,24 +28,14 @@ def parse_sparsify(spec: str) -> tuple[str, float]:
 
 @contextmanager
 def sparsified(
-    model: LoadedModel,
-    spec: str | None,
-    data: str,
-    seq_len: int,
-    batch_size: int,
-    n_batches: int = CALIBRATION_BATCHES,
+    model: LoadedModel, spec: str | None, data: Data, seq_len: int, batch_size: int
 ) -> Iterator[SparseHandle | None]:
-    """Sparsify ``model`` for the block (calibrated on the first ``n_batches`` batches of
-    ``data``), then restore it; ``spec=None`` leaves the model dense."""
+    """Sparsify ``model`` for the block (calibrated on the first batches of ``data``), then
+    restore it; ``spec=None`` leaves the model dense."""
     if spec is None:
         yield None
         return
     method, target = parse_sparsify(spec)
-    docs = data_sources.documents(data)
-    calib = [b.input_ids for b in itertools.islice(batches(model.tokenizer, docs, seq_len,
-                                                           batch_size), n_batches)]  # fmt: skip
-    handle = sparsify(model, method, target, calib)
-    try:
+    calibration = calibration_batches(model.tokenizer, data, seq_len, batch_size)
+    with sparsify(model, method, target, calibration) as handle:
         yield handle
-    finally:
-        handle.restore()

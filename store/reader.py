@@ -94,6 +94,7 @@ class Reader:
         return self.run(lambda cur: cur.execute(query, params or []).df())
 
     def arrow(self, query: str, params: list | dict | None = None) -> pa.Table:
+        """Run a query; the result as an Arrow table."""
         return self.run(lambda cur: cur.sql(query, params=params).to_arrow_table())
 
     def disk_bytes(self) -> int:
@@ -102,3 +103,15 @@ class Reader:
 
     def close(self) -> None:
         self.con.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_store(root: Path | str) -> Reader:
+    """Open a store for reading: ``open_store(p).sql(q)`` gives a DataFrame, ``.arrow(q)`` an
+    Arrow table; complete runs only."""
+    return Reader(root)
