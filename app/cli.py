@@ -206,28 +206,34 @@ def app_cmd(
 @app.command()
 def demo(
     store: Path = typer.Option(DEFAULT_DEMO_STORE, "--store"),
-    no_app: bool = typer.Option(False, "--no-app", help="Do the work; do not start the dashboard."),
+    no_app: bool = typer.Option(
+        False, "--no-app", help="Do all the work in the foreground; do not start the dashboard."
+    ),
     port: int = typer.Option(8501, "--port", min=1, max=65535),
     host: str = HostOpt,
 ):
-    """The main job on the embedded default: tiny-zoo sparsity laws, MiniLM, the dashboard.
+    """The main job on the embedded default: MiniLM, then the dashboard while the zoo's
+    sparsity laws, a SAE, sparsify evaluations and IOI circuits fill the other pages.
 
-    Everything is cached: a second run only starts the dashboard.
+    Everything is cached: a second run reuses the store and resumes what is missing.
     """
-    from sparsescope.analysis.zoo_laws import analyze_zoo
+    from sparsescope.app import demo as demo_steps
     from sparsescope.probes.job import ProbeConfig, run_probe
     from sparsescope.store.catalog import init_store, is_store
 
     start = time.perf_counter()
     if is_store(store):
         init_store(store)  # a store of an older SparseScope is upgraded first
-    if not _has_run(store, "laws", None) or not _has_run(store, "probe", "zoo:%"):
-        analyze_zoo(store, "tiny")
     if not _has_run(store, "probe", "minilm", DEMO_TOKENS):
         run_probe("minilm", "stdlib-docs", store, ProbeConfig(max_tokens=DEMO_TOKENS), "demo")
-    typer.echo(f"demo store {store} ready in {time.perf_counter() - start:.1f}s")
-    if not no_app:
-        _launch_dashboard(store, port, host)
+    typer.echo(f"MiniLM data in {store} after {time.perf_counter() - start:.1f}s")
+    if no_app:
+        failed = demo_steps.run_worker(store)
+        typer.echo(f"demo store {store} ready in {time.perf_counter() - start:.1f}s")
+        raise typer.Exit(1 if failed else 0)
+    if demo_steps.start_worker(store) is not None:
+        typer.echo(f"filling the other pages in the background (logs: {demo_steps.folder(store)})")
+    _launch_dashboard(store, port, host)
 
 
 def _has_run(store: Path, kind: str, model_like: str | None, n_tokens: int = 0) -> bool:
