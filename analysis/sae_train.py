@@ -272,6 +272,7 @@ def train_sae(
     d_in = activations(model, probe_ids, cfg.hook).shape[1]
     torch.manual_seed(cfg.seed)
     meta = {"sae_id": sae_id, "model_name": cfg.model, "dataset_path": cfg.data, "beta": cfg.beta}
+    meta |= {"context_size": min(cfg.seq_len, model.n_ctx), "seqpos_slice": [FIRST, None]}
     sae = SAE(d_in, d_in * cfg.expansion, cfg.k, cfg.hook, cfg.arch, meta=meta).to(device)
     run = _Run(model, cfg, Trainer(sae, cfg), ckpt_path, device)
     if saved is not None:

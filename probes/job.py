@@ -26,7 +26,7 @@ from sparsescope.probes.models import (
     load_model,
     resolve_device,
 )
-from sparsescope.probes.sae import load_sae, register_sae, sae_id_of
+from sparsescope.probes.sae import SaeError, load_sae, model_name_matches, register_sae, sae_id_of
 from sparsescope.probes.sae_probe import SaeProbe
 from sparsescope.probes.sparsified import parse_sparsify, sparsified
 from sparsescope.store.writer import RunWriter
@@ -41,7 +41,8 @@ class ProbeConfig:
     dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
     codes: str = "auto"  # which hash codes to keep (probes.codes)
     top_k: int = 20
-    saes: list[str] = field(default_factory=list)  # SAELens-format folders to probe too
+    saes: list[str] = field(default_factory=list)  # SAELens or sparsify folders to probe too
+    sae_any_model: bool = False  # probe SAEs whose metadata names another model
     sparsify: str | None = None  # METHOD:TARGET: probe the model running sparse
 
 
@@ -85,6 +86,13 @@ def _sae_probes(model: LoadedModel, config: ProbeConfig) -> list[tuple[str, SaeP
             raise ModelError(
                 f"SAE {path} reads {sae.d_in} values at {sae.hook_name}, where "
                 f"{model.model_id} has {widths.get(sae.hook_name)}: it was made for another model"
+            )
+        made_for = sae.meta.get("model_name")  # checked last: --sae-any-model lifts only this
+        names = (model.model_id, model.info.get("family"))
+        if not (config.sae_any_model or model_name_matches(made_for, *names)):
+            raise SaeError(
+                f"SAE {path} was made for {made_for!r}, not {model.model_id!r}:"
+                " pass --sae-any-model to probe it anyway"
             )
     return [(path, SaeProbe(sae, sae_id_of(path), model.device)) for path, sae in saes]
 

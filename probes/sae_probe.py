@@ -1,8 +1,9 @@
 """The SAE feature probe: encode the activation at a SAE's hook, record the active features.
 
-Per batch it emits ``sae_feature_acts`` rows (one per token and nonzero feature, at most k
-per token) sorted by feature, then seq_id, pos; over the run it accumulates mergeable
-``sae_feature_stats``. Position 0 (BOS/CLS) is skipped by default, as in SAE training.
+Per batch it emits ``sae_feature_acts`` rows (one per token and nonzero feature; at most k
+per token for a TopK SAE) sorted by feature, then seq_id, pos; over the run it accumulates
+mergeable ``sae_feature_stats``. Position 0 (BOS/CLS) is skipped by default, as in SAE
+training.
 """
 
 from __future__ import annotations

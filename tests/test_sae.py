@@ -151,12 +151,12 @@ def test_handwritten_saelens_folder(tmp_path, layout):
     )
 
 
-def test_non_topk_folder_is_refused(tmp_path):
+def test_jumprelu_config_over_topk_weights_is_refused(tmp_path):
     random_sae(4, 8, 2).save(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     cfg |= {"architecture": "jumprelu", "activation_fn_str": "relu"}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(SaeError, match="not a TopK SAE"):
+    with pytest.raises(SaeError, match="lacks threshold"):
         load_sae(tmp_path)
 
 

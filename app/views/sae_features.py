@@ -1,4 +1,4 @@
-"""SAE features: compare trained SAEs, feature frequencies, and a feature browser."""
+"""SAE features: compare SAEs (trained or loaded), feature frequencies, and a feature browser."""
 
 import plotly.express as px
 import streamlit as st
@@ -30,11 +30,13 @@ if saes.empty:
     )
     st.stop()
 
-st.subheader("Trained SAEs")
+st.subheader("SAEs")
 st.caption(
-    "Rows are grouped by model, hook, k and size, so TopK and g-SAE at equal k sit together. "
-    "Metrics on held-out tokens: L0, FVU, CE loss recovered when x̂ is spliced in, dead "
-    f"latents (no activation over `dead_over_tokens` tokens), dense latents (f > {sm.DENSE})."
+    "Trained and probed SAEs, grouped by model, hook, k and size, so TopK and g-SAE at equal k "
+    "sit together; k is empty for the architectures without TopK (standard, jumprelu, gated). "
+    "Metrics (of trained SAEs) on held-out tokens: L0, FVU, CE loss recovered when x̂ is "
+    "spliced in, dead latents (no activation over `dead_over_tokens` tokens), dense latents "
+    f"(f > {sm.DENSE})."
 )
 st.dataframe(saes.drop(columns="path"), hide_index=True, width="stretch")
 
