@@ -7,7 +7,6 @@ from ``sparsity.activation_ratio`` (DNR = sparsity under the firing indicator).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +21,6 @@ NEARLY_DEAD = 1e-5
 DENSE = 0.1
 CATEGORIES = ("dead", "nearly dead", "normal", "dense")
 CONTEXT = 8
-_AT_STEP = re.compile(r"@\d+$")
 
 
 def categorize(freq, nearly_dead: float = NEARLY_DEAD, dense: float = DENSE) -> np.ndarray:
@@ -65,14 +63,14 @@ def layer_summary(
 
 
 def checkpoint_runs(reader: Reader, run_id: str) -> pd.DataFrame:
-    """Probe runs of the same model's checkpoints on the run's data set, in checkpoint order.
+    """Probe runs of the same series' checkpoints on the run's data set, in step order.
 
-    Checkpoints share a model id up to ``@<step>`` (zoo runs: ``zoo:<name>@<step>``) and
-    have a step in the models table; one run (the newest) per checkpoint. A run whose model
-    has no step is its own single checkpoint.
+    Checkpoints of a series (the zoo's, ``series:GLOB``, Hub revisions) share a family and
+    have a step in the models table; one run (the newest) per step. A run whose model has
+    no step is its own single checkpoint.
     """
     runs = reader.sql(
-        "SELECT r.run_id, r.model_id, r.dataset, r.n_tokens, r.finished_at, m.step,"
+        "SELECT r.run_id, r.model_id, r.dataset, r.n_tokens, r.finished_at, m.family, m.step,"
         " m.tokens_seen FROM runs r LEFT JOIN models m USING (model_id)"
         " WHERE r.status = 'complete' AND r.kind = 'probe'"
     )
@@ -81,15 +79,14 @@ def checkpoint_runs(reader: Reader, run_id: str) -> pd.DataFrame:
         raise ValueError(f"run {run_id} is not a complete probe run of this store")
     row = me.iloc[0]
     if pd.isna(row["step"]):
-        return me.reset_index(drop=True)
-    base = _AT_STEP.sub("", row["model_id"])
+        return me.drop(columns="family").reset_index(drop=True)
     same = runs[
-        (runs["model_id"].str.replace(_AT_STEP, "", regex=True) == base)
+        (runs["family"] == row["family"])
         & (runs["dataset"] == row["dataset"])
         & runs["step"].notna()
     ]
-    newest = same.sort_values("finished_at").groupby("model_id").tail(1)
-    return newest.sort_values(["step", "tokens_seen"]).reset_index(drop=True)
+    newest = same.sort_values("finished_at").groupby("step").tail(1)
+    return newest.drop(columns="family").sort_values("step").reset_index(drop=True)
 
 
 def _firing_counts(reader: Reader, run_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:

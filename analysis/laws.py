@@ -52,11 +52,15 @@ class LawFit:
 
 
 def fit_law(tokens: np.ndarray, ratio: np.ndarray, form: str) -> LawFit | None:
-    """Best of several bounded starts; None if no start converges. Step-0 points (D=0) drop."""
+    """Best of several bounded starts; None if no start converges or there are no more
+    points than parameters (an exact fit says nothing). Step-0 points (D=0) and points of
+    unknown D (NaN) drop."""
     tokens, ratio = np.asarray(tokens, float), np.asarray(ratio, float)
     keep = tokens > 0
     d, y = tokens[keep] / SCALE, ratio[keep]
     fn, names, bounds = FORMS[form]
+    if len(d) <= len(names):
+        return None
     best = None
     for start in _STARTS[form]:
         p0 = [*start, float(y[-1])]

@@ -1,8 +1,10 @@
-"""The sparsity-laws pipeline over the zoo: probe every checkpoint, PPL-p% and CETT
-curves at the final checkpoints, then fit both law forms (METHODS.md §2).
+"""The sparsity-laws pipeline over checkpoint series: probe every checkpoint, PPL-p% and
+CETT curves at each series' final checkpoint, then fit both law forms (METHODS.md §2).
 
-Every step writes ordinary runs into the store and skips work already there, so
-a second call on the same store is cheap.
+The zoo (``analyze_zoo``) is the default; ``analyze_series`` runs the same steps on one
+series spec (``series:GLOB``, ``org/name@REV1,REV2``, ``zoo:<name>@all``). A series is the
+models rows of one family with a step. Every step writes ordinary runs into the store and
+skips work already there, so a second call on the same store is cheap.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sparsescope.kernels.thresholds import cett_curve
 from sparsescope.probes.batches import batches
 from sparsescope.probes.data import documents
 from sparsescope.probes.job import ProbeConfig, probe_model
-from sparsescope.probes.models import load_model
+from sparsescope.probes.models import ModelError, expand, load_model, locate
 from sparsescope.store.catalog import check_writable, is_store
 from sparsescope.store.reader import Reader
 from sparsescope.store.writer import RunWriter
@@ -73,16 +75,18 @@ def threshold_run(store, model, tokens: int) -> str:
         return writer.commit(sum(b.numel() for b in token_batches), models=[model.info])
 
 
-def ratio_over_training(reader: Reader) -> pd.DataFrame:
-    """Activation ratio (firing) per zoo checkpoint and layer on the held-out probe set."""
+def ratio_over_training(reader: Reader, families: list[str] | None = None) -> pd.DataFrame:
+    """Activation ratio (firing) per checkpoint (a model with a step; ``model`` is its
+    family) and layer on the held-out probe set, of every series or of ``families``."""
+    only = "" if families is None else " AND list_contains(?, m.family)"
     return reader.sql(
         "SELECT m.family AS model, m.act_fn, m.n_layers, m.d_model, m.d_mlp, m.step,"
         " m.tokens_seen, m.val_loss, s.layer,"
         " sum(s.n_active) / sum(s.n_tokens) / any_value(m.d_mlp) AS activation_ratio"
         " FROM layer_summary s JOIN runs r USING (run_id) JOIN models m USING (model_id)"
-        " WHERE m.source = 'zoo' AND r.kind = 'probe' AND r.dataset = ?"
+        f" WHERE m.step IS NOT NULL AND r.kind = 'probe' AND r.dataset = ?{only}"
         " GROUP BY ALL ORDER BY model, step, layer",
-        [DATASET],
+        [DATASET] + ([] if families is None else [families]),
     )
 
 
@@ -124,6 +128,35 @@ def fit_rows(ratios: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _analyze(
+    store,
+    series: dict[str, list[str]],
+    config: dict,
+    name: str,
+    tokens: int,
+    ppl_tokens: int,
+    console: Console,
+) -> pd.DataFrame:
+    """Probe every checkpoint (family -> specs in step order), threshold each series' last
+    one, fit the laws of those families; one ``laws`` run holds the fits."""
+    for specs in series.values():
+        for spec in specs:
+            if _done(store, "probe", spec, tokens):
+                continue
+            console.print(f"probing {spec}")
+            model = load_model(spec)
+            probe_model(model, DATASET, store, ProbeConfig(max_tokens=tokens), quiet=True)
+    for specs in series.values():
+        if not _done(store, "thresholds", specs[-1]):
+            console.print(f"PPL-p% thresholds and CETT curves of {specs[-1]}")
+            threshold_run(store, load_model(specs[-1]), ppl_tokens)
+    fits = fit_rows(ratio_over_training(Reader(store), list(series)))
+    with RunWriter(store, "laws", None, DATASET, config, name=name) as writer:
+        writer.write("law_fits", fits)
+        writer.commit(None)
+    return fits
+
+
 def analyze_zoo(
     store,
     preset: str = "tiny",
@@ -135,24 +168,39 @@ def analyze_zoo(
     from sparsescope.probes.zoo import train_zoo
 
     check_writable(store)
-    console = console or Console()
-    rows = train_zoo(preset)
-    finals = {row["name"]: row for row in rows}  # manifest rows are in step order
-    for row in rows:
-        spec = f"zoo:{row['name']}@{row['step']}"
-        if _done(store, "probe", spec, tokens):
-            continue
-        console.print(f"probing {spec}")
-        model = load_model(spec)
-        probe_model(model, DATASET, store, ProbeConfig(max_tokens=tokens), quiet=True)
-    for name, row in finals.items():
-        spec = f"zoo:{name}@{row['step']}"
-        if not _done(store, "thresholds", spec):
-            console.print(f"PPL-p% thresholds and CETT curves of {spec}")
-            threshold_run(store, load_model(spec), ppl_tokens)
-    fits = fit_rows(ratio_over_training(Reader(store)))
+    series: dict[str, list[str]] = {}
+    for row in train_zoo(preset):  # manifest rows: per model, in step order
+        series.setdefault(row["name"], []).append(f"zoo:{row['name']}@{row['step']}")
     config = {"preset": preset, "tokens": tokens}
-    with RunWriter(store, "laws", None, DATASET, config, name=f"laws-{preset}") as writer:
-        writer.write("law_fits", fits)
-        writer.commit(None)
-    return fits
+    return _analyze(
+        store, series, config, f"laws-{preset}", tokens, ppl_tokens, console or Console()
+    )
+
+
+def analyze_series(
+    store,
+    spec: str,
+    tokens: int = 16_384,
+    ppl_tokens: int = 8_192,
+    console: Console | None = None,
+) -> pd.DataFrame:
+    """``analyze_zoo`` on one checkpoint series spec; D is each checkpoint's tokens seen, and
+    checkpoints that record none are left out of the fits (as step 0 is)."""
+    check_writable(store)
+    console = console or Console()
+    specs = expand(spec)
+    infos = [locate(s)[1] for s in specs]
+    if any(info.get("step") is None for info in infos):
+        raise ModelError(
+            f"--model {spec!r} is not a checkpoint series: use series:GLOB,"
+            " org/name@REV1,REV2 or zoo:<name>@all"
+        )
+    family = infos[0]["family"]
+    unknown = [s for s, info in zip(specs, infos, strict=True) if info.get("tokens_seen") is None]
+    if unknown:
+        console.print(
+            f"{len(unknown)} of {len(specs)} checkpoints of {family} record no tokens seen"
+            f" (first: {unknown[0]}): the fits leave them out"
+        )
+    config = {"model": spec, "tokens": tokens}
+    return _analyze(store, {family: specs}, config, f"laws-{family}", tokens, ppl_tokens, console)

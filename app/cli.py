@@ -52,7 +52,10 @@ def _check_format(fmt: str) -> None:
 @app.command()
 def probe(
     model: str = typer.Option(
-        ..., "--model", help="minilm, zoo:<name>[@step|@all], a folder or org/name."
+        ...,
+        "--model",
+        help="minilm, zoo:<name>[@step|@all], a folder, series:GLOB[@step] (checkpoint"
+        " folders) or org/name[@REV[,REV...]].",
     ),
     data: str = typer.Option(
         "stdlib-docs",
@@ -74,7 +77,10 @@ def probe(
     ),
     name: str = typer.Option(None, "--name", help="A name for the run."),
     sae: list[Path] = typer.Option(
-        [], "--sae", help="A SAELens-format SAE folder to probe too (repeatable)."
+        [], "--sae", help="A SAELens or sparsify SAE folder to probe too (repeatable)."
+    ),
+    sae_any_model: bool = typer.Option(
+        False, "--sae-any-model", help="Probe SAEs whose metadata names another model."
     ),
     sparsify: str = typer.Option(
         None,
@@ -108,6 +114,7 @@ def probe(
         dtype=dtype,
         codes=codes,
         saes=[str(p) for p in sae],
+        sae_any_model=sae_any_model,
         sparsify=sparsify,
     )
     if engine == "local":
@@ -255,14 +262,29 @@ def _has_run(store: Path, kind: str, model_like: str | None, n_tokens: int = 0) 
 @app.command()
 def laws(
     store: Path = StoreOpt,
-    preset: str = typer.Option("tiny", "--preset", help="Zoo preset (trained if missing)."),
+    preset: str = typer.Option(
+        None, "--preset", help="Zoo preset (trained if missing) [default: tiny]."
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="A checkpoint series instead of the zoo: series:GLOB, org/name@REV1,REV2 or"
+        " zoo:<name>@all.",
+    ),
     tokens: int = typer.Option(16_384, "--tokens", min=256, help="Probe tokens per checkpoint."),
     ppl_tokens: int = typer.Option(8_192, "--ppl-tokens", min=256, help="Tokens for PPL-p%."),
 ):
-    """Sparsity laws over the zoo: probe every checkpoint, PPL-p% and CETT, fit both law forms."""
-    from sparsescope.analysis.zoo_laws import analyze_zoo
+    """Sparsity laws over the zoo or a checkpoint series: probe every checkpoint, PPL-p% and
+    CETT, fit both law forms."""
+    from sparsescope.analysis.zoo_laws import analyze_series, analyze_zoo
 
-    fits = analyze_zoo(store, preset, tokens, ppl_tokens)
+    if model and preset:
+        typer.echo("error: give --preset (the zoo) or --model (a series), not both", err=True)
+        raise typer.Exit(2)
+    if model:
+        fits = analyze_series(store, model, tokens, ppl_tokens)
+    else:
+        fits = analyze_zoo(store, preset or "tiny", tokens, ppl_tokens)
     best = fits[fits["layer"] == -1].sort_values("r2", ascending=False).drop_duplicates("model")
     emit(
         best[["model", "act_fn", "form", "a0", "alpha", "r2"]].sort_values("model"),

@@ -2,8 +2,9 @@
 
 A model spec is ``minilm`` (the offline all-MiniLM-L6-v2 package), ``zoo:<name>``
 or ``zoo:<name>@<step>`` (the built-in zoo), ``synthetic:<shape>[:<layers>]`` (random
-weights at a real model's widths, for benchmarks), a local Hugging Face folder, or a
-Hub name ``org/name`` (the only spec that may reach the network).
+weights at a real model's widths, for benchmarks), a local Hugging Face folder,
+``series:GLOB[@<step>]`` (checkpoint folders: ``probes.checkpoints``), or a Hub name
+``org/name[@REV]`` (the only spec that may reach the network).
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sparsescope.probes.hooks import hook_widths
 from sparsescope.store.errors import BadInput
+
+if TYPE_CHECKING:
+    from sparsescope.probes.checkpoints import Checkpoint
 
 
 class ModelError(BadInput):
@@ -136,16 +141,31 @@ def minilm_path() -> Path:
 
 
 def expand(spec: str) -> list[str]:
-    """Expand ``zoo:<name>@all`` into one spec per checkpoint; other specs pass through."""
-    if spec.startswith("zoo:") and spec.endswith("@all"):
+    """One spec per checkpoint, in step order, of a series (``zoo:<name>@all``,
+    ``series:GLOB``, ``org/name@REV1,REV2``); other specs pass through."""
+    if spec.startswith("zoo:"):
+        if not spec.endswith("@all"):
+            return [spec]
         from sparsescope.probes import zoo
 
         return [f"zoo:{row['name']}@{row['step']}" for row in zoo.resolve(spec)]
-    return [spec]
+    found = _series(spec)
+    return [c.spec for c in found] if found else [spec]
 
 
-def _locate(spec: str) -> tuple[str, dict]:
-    """Return (path or hub name, extra models-table fields) for a spec."""
+def _series(spec: str) -> list[Checkpoint] | None:
+    """``checkpoints.series`` with its errors as ``ModelError``."""
+    from sparsescope.probes import checkpoints
+
+    try:
+        return checkpoints.series(spec)
+    except checkpoints.SeriesError as err:
+        raise ModelError(str(err)) from None
+
+
+def locate(spec: str) -> tuple[str, dict]:
+    """(path or Hub name, extra models-table fields) of a spec naming one model; a Hub
+    revision comes as ``extra["revision"]``. Cheap: nothing is loaded."""
     if spec == "minilm":
         return str(minilm_path()), {"source": "minilm", "family": "minilm"}
     if spec.startswith("synthetic:"):
@@ -165,6 +185,17 @@ def _locate(spec: str) -> tuple[str, dict]:
             raise ModelError(str(err)) from None
         extra = {k: row.get(k) for k in ("act_fn", "step", "tokens_seen", "train_loss", "val_loss")}
         return str(row["path"]), {"source": "zoo", "family": row["name"], **extra}
+    found = _series(spec)
+    if found is not None:
+        if len(found) > 1:
+            raise ModelError(
+                f"{spec!r} names {len(found)} checkpoints: load one ({found[0].spec}) or probe"
+                " them all with `sparsescope probe --model`"
+            )
+        (c,) = found
+        extra = {"source": "hub" if c.revision else "local", "family": c.family}
+        extra |= {"step": c.step, "tokens_seen": c.tokens_seen}
+        return c.where, extra | ({"revision": c.revision} if c.revision else {})
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -173,7 +204,8 @@ def _locate(spec: str) -> tuple[str, dict]:
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec, {"source": "hub", "family": spec.split("/")[1]}
     raise ModelError(
-        f"model {spec!r} not found: use minilm, zoo:<name>, a Hugging Face folder or org/name"
+        f"model {spec!r} not found: use minilm, zoo:<name>, a Hugging Face folder, series:GLOB"
+        " or org/name[@REV]"
     )
 
 
@@ -253,7 +285,8 @@ def load_model(
             raise ModelError("a model in memory stays where it is: move or cast it yourself")
         return _wrap(model, tokenizer, name)
     spec = model
-    where, extra = _locate(spec)
+    where, extra = locate(spec)
+    revision = extra.pop("revision", None)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, where)
     if extra["source"] != "hub":
@@ -268,7 +301,7 @@ def load_model(
         hf_model = synthetic.build(spec, torch_dtype)
     try:
         bridge = TransformerBridge.boot_transformers(
-            where, device=device, dtype=torch_dtype, hf_model=hf_model
+            where, device=device, dtype=torch_dtype, hf_model=hf_model, revision=revision
         )
     except Exception as err:  # the bridge raises many types; report one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

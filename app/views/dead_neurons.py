@@ -79,8 +79,8 @@ else:
     title = "Firing frequency per layer (log10(f + 1e-10))"
     st.plotly_chart(charts.frequency_histograms(neurons, "layer", title), width="stretch")
     st.caption(
-        "One checkpoint of this model: probe several (`--model zoo:<name>@all`) for the death "
-        "timeline."
+        "One checkpoint of this model: probe a series (`--model zoo:<name>@all`, "
+        "`series:GLOB` or `org/name@REV1,REV2`) for the death timeline."
     )
 
 st.subheader("Dead, nearly dead and dense neurons")

@@ -17,14 +17,19 @@ r = reader()
 ratios = ratio_over_training(r)
 if ratios.empty:
     st.info(
-        "No zoo checkpoints probed yet. Run `sparsescope laws --store <store>` (or "
+        "No checkpoint series probed yet. Run `sparsescope laws --store <store>` (or "
         "`make demo`): it trains the tiny zoo (cached), probes every checkpoint on the "
-        "held-out split and fits the laws."
+        "held-out split and fits the laws; `--model 'series:GLOB'` does the same for your "
+        "own checkpoints."
     )
     st.stop()
-fits = r.sql(
-    "SELECT * FROM law_fits WHERE run_id = (SELECT run_id FROM runs WHERE kind = 'laws'"
-    " AND status = 'complete' ORDER BY finished_at DESC LIMIT 1)"
+if no_tokens := sorted(ratios.loc[ratios["tokens_seen"].isna(), "model"].unique()):
+    st.caption(f"Not drawn: checkpoints that record no tokens seen ({', '.join(no_tokens)}).")
+    ratios = ratios[ratios["tokens_seen"].notna()]
+fits = r.sql(  # per model, the fits of the newest laws run that fitted it
+    "SELECT f.* FROM law_fits f JOIN runs r USING (run_id)"
+    " WHERE r.kind = 'laws' AND r.status = 'complete'"
+    " QUALIFY r.finished_at = max(r.finished_at) OVER (PARTITION BY f.model)"
 )
 models = sorted(ratios["model"].unique())
 chosen = st.multiselect("Models", models, default=models)
@@ -134,7 +139,7 @@ else:
 st.subheader("Chunk-level sparsity (final checkpoints)")
 finals = r.sql(
     "SELECT r.run_id, m.family AS model FROM runs r JOIN models m USING (model_id)"
-    " WHERE r.kind = 'probe' AND r.status = 'complete' AND m.source = 'zoo'"
+    " WHERE r.kind = 'probe' AND r.status = 'complete' AND m.step IS NOT NULL"
     " QUALIFY m.step = max(m.step) OVER (PARTITION BY m.family)"
 )
 finals = finals[finals["model"].isin(chosen)]
