@@ -26,6 +26,9 @@ _API = {
     "ProbeConfig": "sparsescope.probes.job",
     "open_store": "sparsescope.store.reader",
     "sparsify": "sparsescope.kernels.sparsify",
+    "load_sae": "sparsescope.probes.sae",
+    "train_sae": "sparsescope.analysis.sae_train",
+    "TrainConfig": "sparsescope.analysis.sae_train",
     "BadInput": "sparsescope.store.errors",
 }
 __all__ = sorted(_API)

@@ -146,4 +146,12 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # the README's own example
     assert isinstance(namespace["ratio"], pd.DataFrame) and len(namespace["ratio"]) == 6
+    sae, store = namespace["sae"], namespace["store"]
+    assert sae.d_sae == 2 * sae.d_in == 768 and sae.k == 8
+    store.refresh()
+    acts = store.sql(
+        "SELECT count(*) AS n, max(value) AS top FROM sae_feature_acts WHERE run_id = ?",
+        [namespace["features_run"]],
+    ).iloc[0]
+    assert acts["n"] > 0 and acts["top"] > 0
     assert (tmp_path / "stores" / "nb").is_dir()
