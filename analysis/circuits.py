@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from sparsescope.analysis import patching
-from sparsescope.analysis.tasks import Task
+from sparsescope.analysis.tasks import Task, TaskError
 from sparsescope.probes.models import LoadedModel
 from sparsescope.store.writer import RunWriter
 
@@ -91,6 +92,11 @@ def compare(
         start = time.perf_counter()
         clean = patching.cache(model, task.clean, sites)
         ld = patching.baselines(model, task)
+        if math.isclose(*ld, rel_tol=1e-6, abs_tol=1e-6):
+            raise TaskError(
+                f"the mean logit difference is {ld[0]:.4g} on clean and on corrupted prompts:"
+                " the normalised metric is undefined"
+            )
         if method == "activation":
             result = {s: patching.activation_patching(model, task, s, clean, ld) for s in sites}
         else:
@@ -106,8 +112,13 @@ def compare(
 def write_run(
     store: Path, model: LoadedModel, task: Task, report: CircuitReport, config: dict
 ) -> str:
-    """Store the scores as a ``circuits`` run; the evaluation goes into the run's config."""
-    config = config | {
+    """Store the scores as a ``circuits`` run; the task and the evaluation go into the run's
+    config."""
+    config = {
+        **config,
+        **task.info,
+        "task": task.name,
+        "n": len(task.clean),
         "pos_labels": task.pos_labels,
         "ld_clean": report.ld[0],
         "ld_corr": report.ld[1],

@@ -11,17 +11,26 @@ are split once, by a fixed seed, into disjoint train, validation and test sets: 
 final checkpoint by accuracy on validation names, and the task is scored on test names.
 
 Other tasks plug in the same way: a builder ``(tokenizer, n, split, seed) -> Task`` in
-``TASKS``.
+``TASKS``. The user's own prompt pairs come from records or a JSONL file
+(:func:`from_records`, :func:`from_jsonl`): each pair has ``clean`` and ``corrupted``
+prompts and the ``answer`` and ``wrong`` continuations, each exactly one token. A file task
+is built like IOI: BOS first, every prompt of the task one token length (patching is
+position-wise and prompts are not padded), positions labelled with the first clean
+prompt's tokens. Strings are only tokenized, never evaluated or rendered as markup.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import hashlib
+import json
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -56,10 +65,13 @@ TEST_SHARE = 0.25
 N_VAL = 20  # validation names: like test names, never an IOI answer in training
 STAND_IN_SHARE = 0.75  # of the answered IOI training sentences
 _SPLIT_SEED = 1234
+FIELDS = ("clean", "corrupted", "answer", "wrong")  # a prompt pair's record
+MAX_PAIRS = 1024
+MAX_FILE_BYTES = 16 * 2**20
 
 
 class TaskError(BadInput):
-    """Bad task request (unknown task, too few single-token names): one clear line."""
+    """Bad task request or task data (unknown task, a bad prompt pair): one clear line."""
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Task:
     corrupted: torch.Tensor
     answers: torch.Tensor
     pos_labels: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # recorded in the run's config (e.g. the file)
 
     @property
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +152,7 @@ def ioi_task(tokenizer, n: int = 32, split: str = "test", seed: int = 0, templat
         clean.append(_fill(tmpl, a, b, s, place, obj))
         corrupted.append(_fill(tmpl, x, y, z, place, obj))
         answers.append([tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in (io, s)])
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    bos = _bos(tokenizer)
     enc = [
         [bos + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         for texts in (clean, corrupted)
@@ -157,14 +170,143 @@ def ioi_task(tokenizer, n: int = 32, split: str = "test", seed: int = 0, templat
     )
 
 
+def _bos(tokenizer) -> list[int]:
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
+def _check_text(where: str, key: str, text: str) -> None:
+    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n"), None)
+    if bad is not None:
+        raise TaskError(
+            f"{where}: {key!r} holds control character U+{ord(bad):04X} (only tab and newline"
+            " may appear)"
+        )
+
+
+def _pair(tokenizer, where: str, record) -> tuple[list[int], list[int], list[int]]:
+    """One record's clean and corrupted ids (BOS first) and its (answer, wrong) ids."""
+    if not isinstance(record, dict):
+        raise TaskError(f"{where}: a prompt pair is a JSON object, not {type(record).__name__}")
+    for key in FIELDS:
+        if key not in record:
+            raise TaskError(f"{where}: missing field {key!r} (a pair has {', '.join(FIELDS)})")
+        if not isinstance(record[key], str):
+            kind = type(record[key]).__name__
+            raise TaskError(f"{where}: field {key!r} must be a string, not {kind}")
+        _check_text(where, key, record[key])
+    for key in ("clean", "corrupted"):
+        if not record[key].strip():
+            raise TaskError(f"{where}: {key!r} is an empty prompt")
+    answers = []
+    for key in ("answer", "wrong"):
+        ids = tokenizer.encode(record[key], add_special_tokens=False)
+        if len(ids) != 1:
+            raise TaskError(
+                f"{where}: {key!r} {record[key]!r} is {len(ids)} tokens for this tokenizer; it"
+                " must be exactly one (usually with a leading space)"
+            )
+        answers += ids
+    if answers[0] == answers[1]:
+        raise TaskError(f"{where}: 'answer' and 'wrong' are the same token {record['answer']!r}")
+    clean, corr = (
+        _bos(tokenizer) + tokenizer.encode(record[k], add_special_tokens=False)
+        for k in ("clean", "corrupted")
+    )
+    if len(clean) != len(corr):
+        raise TaskError(
+            f"{where}: 'clean' is {len(clean)} tokens and 'corrupted' {len(corr)} (BOS included);"
+            " a pair must have one token length"
+        )
+    return clean, corr, answers
+
+
+def _pairs_task(tokenizer, items: list[tuple[str, object]], name: str, source: str) -> Task:
+    """A task of ``(where, record)`` items; ``source`` names them all in errors."""
+    if not items:
+        raise TaskError(
+            f"{source}: no prompt pairs; give one JSON object per line with fields"
+            f" {', '.join(FIELDS)}"
+        )
+    if len(items) < 2:
+        raise TaskError(f"{source}: one prompt pair; a task needs at least 2")
+    if len(items) > MAX_PAIRS:
+        raise TaskError(
+            f"{items[MAX_PAIRS][0]}: pair {MAX_PAIRS + 1}, over the {MAX_PAIRS} prompt"
+            " pairs a task may hold (take the first ones with n)"
+        )
+    pairs = [_pair(tokenizer, where, record) for where, record in items]
+    length = len(pairs[0][0])
+    for (where, _), (clean, _, _) in zip(items, pairs, strict=True):
+        if len(clean) != length:
+            raise TaskError(
+                f"{where}: prompts are {len(clean)} tokens, those of"
+                f" {items[0][0].removeprefix(source + ' ')} {length} (BOS included); every prompt"
+                " of a task must have one token length"
+            )
+    clean, corrupted, answers = (torch.tensor(column) for column in zip(*pairs, strict=True))
+    if torch.equal(clean, corrupted):
+        raise TaskError(f"{source}: every corrupted prompt equals its clean prompt")
+    bos = _bos(tokenizer)
+    labels = ["BOS"] * len(bos) + [tokenizer.decode([t]) for t in clean[0, len(bos) :].tolist()]
+    return Task(name, clean, corrupted, answers, labels)
+
+
+def from_records(tokenizer, records: list[dict], name: str = "custom") -> Task:
+    """A task of prompt pairs ``{"clean", "corrupted", "answer", "wrong"}`` (other keys are
+    ignored): 2 to ``MAX_PAIRS`` pairs, all prompts one token length, answers one token."""
+    items = [(f"record {i}", record) for i, record in enumerate(records, 1)]
+    return _pairs_task(tokenizer, items, name, "records")
+
+
+def from_jsonl(path: str | Path, tokenizer, n: int | None = None) -> Task:
+    """The task of a JSONL file, one prompt pair per line (blank lines skipped), named after
+    the file's stem; ``n`` takes the first ``n`` pairs. Rules as :func:`from_records`."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file {str(path)!r} not found (or not a file)")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise TaskError(
+            f"{path}: over {MAX_FILE_BYTES // 2**20} MiB; a task holds at most"
+            f" {MAX_PAIRS} prompt pairs"
+        )
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise TaskError(f"{path} line {line}: not UTF-8 text") from None
+    items = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{path} line {number}: not JSON ({err.msg})") from None
+    task = _pairs_task(tokenizer, items[:n], path.stem, str(path))
+    task.info = {
+        "task_file": str(path.resolve()),
+        "task_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return task
+
+
 TASKS: dict[str, Callable[..., Task]] = {"ioi": ioi_task}
 
 
-def make_task(name: str, tokenizer, n: int = 32, split: str = "test", seed: int = 0) -> Task:
-    """Build a registered task by name."""
-    if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[name](tokenizer, n=n, split=split, seed=seed)
+def make_task(
+    spec: str, tokenizer, n: int | None = None, split: str = "test", seed: int = 0
+) -> Task:
+    """A registered task by name (``n`` prompts, 32 by default) or a JSONL file of prompt
+    pairs (its first ``n``, all by default)."""
+    if spec in TASKS:
+        return TASKS[spec](tokenizer, n=32 if n is None else n, split=split, seed=seed)
+    if spec.endswith(".jsonl") or Path(spec).is_file():
+        return from_jsonl(spec, tokenizer, n)
+    raise TaskError(
+        f"unknown task {spec!r}: choose one of {', '.join(TASKS)} or give a .jsonl file of"
+        " prompt pairs"
+    )
 
 
 @functools.cache

@@ -30,16 +30,30 @@ def circuits(
     model: Annotated[str, typer.Option(help="Model spec; the default is the zoo's ioi model.")] = (
         IOI_MODEL
     ),
-    task: Annotated[str, typer.Option(help="Task: ioi.")] = "ioi",
-    n: Annotated[int, typer.Option(min=2, max=1024, help="Prompt pairs (held-out names).")] = 32,
-    seed: Annotated[int, typer.Option(help="Seed of the prompts.")] = 0,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Task: ioi, or a .jsonl file of prompt pairs, one JSON object per line with"
+            " 'clean', 'corrupted', 'answer' and 'wrong' (answers one token each; every prompt"
+            " one token length)."
+        ),
+    ] = "ioi",
+    n: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            max=1024,
+            help="Prompt pairs: IOI's (default 32), a file's first N (default all).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the IOI prompts.")] = 0,
     ah_rule: Annotated[bool, typer.Option(help="RelP: detach attention patterns too.")] = False,
 ) -> None:
     """Score every component with activation patching, AtP and RelP; report r and circuits."""
     import torch
 
     from sparsescope.analysis.circuits import compare, write_run
-    from sparsescope.analysis.tasks import TaskError, make_task
+    from sparsescope.analysis.tasks import TASKS, TaskError, make_task
     from sparsescope.probes.models import ModelError
     from sparsescope.probes.zoo import ZooError
     from sparsescope.store.catalog import check_writable
@@ -49,11 +63,17 @@ def circuits(
         check_writable(store)
         loaded = _load(model)
         if not loaded.is_causal_lm:
-            raise TaskError(f"{task} scores next-token logits: {model!r} is not a causal LM")
+            raise TaskError(f"circuits score next-token logits: {model!r} is not a causal LM")
         data = make_task(task, loaded.tokenizer, n=n, split="test", seed=seed)
+        if data.clean.shape[1] > loaded.n_ctx:
+            raise TaskError(
+                f"the prompts are {data.clean.shape[1]} tokens, over the {loaded.n_ctx} of"
+                f" {model!r}"
+            )
         report = compare(loaded, data, ah_rule=ah_rule)
-        config = {"task": task, "n": n, "seed": seed, "split": "test", "ah_rule": ah_rule}
-        config["torch_threads"] = torch.get_num_threads()
+        config = {"ah_rule": ah_rule, "torch_threads": torch.get_num_threads()}
+        if task in TASKS:
+            config |= {"seed": seed, "split": "test"}
         run_id = write_run(store, loaded, data, report, config)
     except (ModelError, ZooError, TaskError, StoreError) as err:
         typer.echo(f"error: {err}", err=True)

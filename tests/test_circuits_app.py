@@ -11,7 +11,7 @@ import pytest
 import torch
 import typer
 from streamlit.testing.v1 import AppTest
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from sparsescope.analysis import tasks
@@ -93,6 +93,43 @@ def test_page_shows_run(circuits_store, monkeypatch):
     for site in ("head", "neuron"):
         at.selectbox[1].select(site).run()
         assert not at.exception
+
+
+@pytest.fixture(scope="module")
+def file_task_store(circuits_store):
+    """A store with one circuits run of the same model on a JSONL file of 4 prompt pairs whose
+    file name and first prompt hold markup characters."""
+    model = circuits_store[0].parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    names = tasks.single_tokens(tokenizer, tasks.split_names("test"))
+    text = "<b>Then {} met {} at the park, and then {} left. Later {} saw"
+    pairs = [
+        {"clean": text.format(a, b, a, b), "corrupted": text.format(c, d, c, d),
+         "answer": " " + a, "wrong": " " + b}
+        for a, b, c, d in zip(names[0:4], names[4:8], names[8:12], names[12:16], strict=True)
+    ]  # fmt: skip
+    path = circuits_store[0].parent / "my_*pairs*.jsonl"
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    store = circuits_store[0].parent / "file_store"
+    app = typer.Typer()
+    app.command()(circuits)
+    args = ["--model", str(model), "--store", str(store), "--task", str(path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return store, path
+
+
+def test_page_shows_file_task_run(file_task_store, monkeypatch):
+    store, path = file_task_store
+    monkeypatch.setenv("SPARSESCOPE_STORE", str(store))
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    assert "my_*pairs*" in at.selectbox[0].options[0]
+    assert at.text[0].value.startswith(f"Task my_*pairs*: 4 prompt pairs from {path.resolve()}")
+    assert at.metric[0].value == "4"
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert heatmap["x"][1] == "1 &lt;"  # the first prompt's tokens, escaped for Plotly
+    assert not any("<" in x for x in heatmap["x"])
 
 
 def test_page_on_empty_store(empty_store, monkeypatch):

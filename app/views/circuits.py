@@ -1,5 +1,6 @@
 """Circuits: activation patching, AtP and RelP scores side by side, agreement, faithfulness."""
 
+import html
 import json
 
 import numpy as np
@@ -22,8 +23,8 @@ runs = r.sql(
 if runs.empty:
     st.info(
         "No circuits runs yet. Run `sparsescope circuits --task ioi --store DIR` (it trains the "
-        "zoo's ioi model first if needed) to score components by activation patching, "
-        "attribution patching and RelP."
+        "zoo's ioi model first if needed), or `--task PAIRS.jsonl` with your own prompt pairs, "
+        "to score components by activation patching, attribution patching and RelP."
     )
     st.stop()
 
@@ -32,6 +33,12 @@ labels = {row.run_id: f"{row.name or row.run_id} · {row.model_id} · {row.datas
 run_id = st.selectbox("Run", list(labels), format_func=labels.get)
 config = json.loads(runs.set_index("run_id").loc[run_id, "config"])
 scores = r.sql("SELECT * FROM patching_scores WHERE run_id = ?", [run_id])
+if "task_file" in config:  # the user's prompt pairs; plain text, never markup
+    st.text(f"Task {config['task']}: {config.get('n', '?')} prompt pairs from "
+            f"{config['task_file']} (sha256 {config.get('task_sha256', '?')[:12]})")  # fmt: skip
+else:
+    st.text(f"Task {config.get('task', '?')}: {config.get('n', '?')} prompt pairs on "
+            f"{config.get('split', '?')} names, seed {config.get('seed', '?')}")  # fmt: skip
 
 secs = config.get("seconds", {})
 cols = st.columns(5)
@@ -54,7 +61,7 @@ site = st.selectbox("Site", sites, format_func=lambda s: s.replace("_", " "))
 part = scores[scores["site"] == site].fillna({"pos": -1, "head": -1, "neuron": -1})
 column = {"head": "head", "neuron": "neuron"}.get(site, "pos")
 limit = float(part["score"].abs().max()) or 1.0
-pos_labels = config.get("pos_labels", [])
+pos_labels = [html.escape(label) for label in config.get("pos_labels", [])]  # Plotly reads HTML
 for col, method in zip(st.columns(3), METHODS, strict=True):
     grid = part[part["method"] == method].pivot(index="layer", columns=column, values="score")
     x = [f"{i} {pos_labels[i]}" if column == "pos" and i < len(pos_labels) else str(i)
