@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from sparsescope.analysis import patching
 from sparsescope.analysis.tasks import Task, TaskError
-from sparsescope.probes.models import LoadedModel
+from sparsescope.probes.models import LoadedModel, load_model
+from sparsescope.store.catalog import check_writable
 from sparsescope.store.writer import RunWriter
 
 KS = (1, 2, 5, 10, 20, 40)
@@ -35,6 +37,7 @@ class CircuitReport:
     faithfulness: dict[str, list[list[float]]]  # method → [[k, faithfulness], ...]
     seconds: dict[str, float]  # method → wall time
     ld: tuple[float, float]  # mean clean and corrupted LD
+    run_id: str | None = None  # the circuits run, when stored
 
 
 def agreement(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -129,3 +132,27 @@ def write_run(
     with RunWriter(store, "circuits", model.model_id, task.name, config) as writer:
         writer.write("patching_scores", report.scores)
         return writer.commit(int(task.clean.numel() + task.corrupted.numel()), [model.info])
+
+
+def circuits(
+    model, task: Task, store: Path | str | None = None, ah_rule: bool = False,
+    config: dict | None = None,
+) -> CircuitReport:  # fmt: skip
+    """Score every component of a causal LM (a spec or a model in memory, see
+    ``load_model``) on ``task`` with activation patching, AtP and RelP (``compare``); with
+    ``store``, also keep the scores there as a ``circuits`` run (``report.run_id``)."""
+    if store is not None:
+        check_writable(Path(store))
+    loaded = load_model(model)
+    if not loaded.is_causal_lm:
+        raise TaskError(f"circuits score next-token logits: {loaded.model_id!r} is not a causal LM")
+    if task.clean.shape[1] > loaded.n_ctx:
+        raise TaskError(
+            f"the prompts are {task.clean.shape[1]} tokens, over the {loaded.n_ctx} of"
+            f" {loaded.model_id!r}"
+        )
+    report = compare(loaded, task, ah_rule=ah_rule)
+    if store is not None:
+        settings = {"ah_rule": ah_rule, "torch_threads": torch.get_num_threads(), **(config or {})}
+        report.run_id = write_run(Path(store), loaded, task, report, settings)
+    return report

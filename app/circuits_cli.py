@@ -50,9 +50,7 @@ def circuits(
     ah_rule: Annotated[bool, typer.Option(help="RelP: detach attention patterns too.")] = False,
 ) -> None:
     """Score every component with activation patching, AtP and RelP; report r and circuits."""
-    import torch
-
-    from sparsescope.analysis.circuits import compare, write_run
+    from sparsescope.analysis.circuits import circuits as score_circuits
     from sparsescope.analysis.tasks import TASKS, TaskError, make_task
     from sparsescope.probes.models import ModelError
     from sparsescope.probes.zoo import ZooError
@@ -62,19 +60,10 @@ def circuits(
     try:
         check_writable(store)
         loaded = _load(model)
-        if not loaded.is_causal_lm:
-            raise TaskError(f"circuits score next-token logits: {model!r} is not a causal LM")
         data = make_task(task, loaded.tokenizer, n=n, split="test", seed=seed)
-        if data.clean.shape[1] > loaded.n_ctx:
-            raise TaskError(
-                f"the prompts are {data.clean.shape[1]} tokens, over the {loaded.n_ctx} of"
-                f" {model!r}"
-            )
-        report = compare(loaded, data, ah_rule=ah_rule)
-        config = {"ah_rule": ah_rule, "torch_threads": torch.get_num_threads()}
-        if task in TASKS:
-            config |= {"seed": seed, "split": "test"}
-        run_id = write_run(store, loaded, data, report, config)
+        config = {"seed": seed, "split": "test"} if task in TASKS else {}
+        report = score_circuits(loaded, data, store, ah_rule, config)
+        run_id = report.run_id
     except (ModelError, ZooError, TaskError, StoreError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -29,6 +29,9 @@ _API = {
     "load_sae": "sparsescope.probes.sae",
     "train_sae": "sparsescope.analysis.sae_train",
     "TrainConfig": "sparsescope.analysis.sae_train",
+    "make_task": "sparsescope.analysis.tasks",
+    "task_from_records": "sparsescope.analysis.tasks:from_records",
+    "circuits": "sparsescope.analysis.circuits",
     "BadInput": "sparsescope.store.errors",
 }
 __all__ = sorted(_API)
@@ -37,7 +40,8 @@ __all__ = sorted(_API)
 def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module 'sparsescope' has no attribute {name!r}")
-    value = getattr(import_module(_API[name]), name)
+    module, _, attr = _API[name].partition(":")
+    value = getattr(import_module(module), attr or name)
     globals()[name] = value
     return value
 

@@ -155,3 +155,30 @@ def test_readme_notebook_example_runs(tmp_path, monkeypatch):
     ).iloc[0]
     assert acts["n"] > 0 and acts["top"] > 0
     assert (tmp_path / "stores" / "nb").is_dir()
+
+
+def test_circuits_on_a_task_object(tmp_path, hf_llama):
+    """``ss.circuits`` on pairs built in Python: the stored clean and corrupted logit
+    differences equal the plain HF model's logits at the last position."""
+    model, tokenizer, reference = hf_llama
+    words = ["cat", "dog", "tree", "house", "river", "stone"]
+    records = [
+        {"clean": f"the {a} saw the {b} and the", "corrupted": f"the {b} saw the {a} and the",
+         "answer": f" {a}", "wrong": f" {b}"}
+        for a, b in zip(words, words[1:], strict=False)
+    ]  # fmt: skip
+    task = ss.task_from_records(tokenizer, records, name="swap")
+    report = ss.circuits(ss.load_model(model, tokenizer=tokenizer), task, tmp_path / "s")
+    with torch.inference_mode():
+        lds = []
+        for ids in (task.clean, task.corrupted):
+            last = reference(ids).logits[:, -1]
+            rows = torch.arange(len(ids))
+            lds.append(
+                float((last[rows, task.answers[:, 0]] - last[rows, task.answers[:, 1]]).mean())
+            )
+    np.testing.assert_allclose(report.ld, lds, atol=1e-5)
+    with ss.open_store(tmp_path / "s") as db:
+        run = db.sql("SELECT run_id, config->>'task' AS task FROM runs").iloc[0]
+        n = db.sql("SELECT count(*) FROM patching_scores").iloc[0, 0]
+    assert (run["run_id"], run["task"]) == (report.run_id, "swap") and n == len(report.scores)
