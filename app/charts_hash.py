@@ -14,13 +14,22 @@ ACCURACIES = {
 }
 
 
-def _layer_axis(df: pd.DataFrame) -> pd.Series:
+def layer_labels(df: pd.DataFrame) -> pd.Series:
+    """The ``layer`` column as text, the whole-model code (layer −1) as "all"."""
     return df["layer"].map(lambda v: ALL_LABEL if v < 0 else str(v))
+
+
+def _categorical_layers(fig: go.Figure, df: pd.DataFrame) -> go.Figure:
+    """Layers as categories (plotly would read "0", "1", ... as numbers and drop "all"), in
+    layer order with the whole-model code last."""
+    layers = sorted(int(v) for v in df["layer"].unique() if v >= 0)
+    order = [str(v) for v in layers] + ([ALL_LABEL] if (df["layer"] < 0).any() else [])
+    return fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
 
 
 def redundancy_bars(summary: pd.DataFrame) -> go.Figure:
     fig = px.bar(
-        summary.assign(layer=_layer_axis(summary)),
+        summary.assign(layer=layer_labels(summary)),
         x="layer",
         y="redundancy",
         hover_data=["n_codes", "n_unique", "n_constant_bits", "mean_bit_entropy"],
@@ -28,11 +37,13 @@ def redundancy_bars(summary: pd.DataFrame) -> go.Figure:
         title="Redundancy ratio per layer (all = whole-model code)",
     )
     fig.update_layout(yaxis_rangemode="tozero")
-    return fig
+    return _categorical_layers(fig, summary)
 
 
 def accuracy_lines(acc: pd.DataFrame) -> go.Figure:
-    long = acc.assign(layer=_layer_axis(acc)).melt(
+    last = acc["layer"].max() + 1  # lines run through the layers, then the whole-model code
+    acc = acc.sort_values("layer", key=lambda v: v.where(v >= 0, last), kind="stable")
+    long = acc.assign(layer=layer_labels(acc)).melt(
         ["label", "layer"], list(ACCURACIES), var_name="method", value_name="accuracy"
     )
     long["method"] = long["method"].map(ACCURACIES)
@@ -46,7 +57,7 @@ def accuracy_lines(acc: pd.DataFrame) -> go.Figure:
         title="Categorization accuracy on test tokens (most frequent tokens only)",
     )
     fig.update_layout(yaxis_range=[0, 1.02])
-    return fig
+    return _categorical_layers(fig, acc)
 
 
 def phase_heatmaps(grid: pd.DataFrame) -> list[go.Figure]:

@@ -7,7 +7,7 @@ import streamlit as st
 from sparsescope.analysis import hash_codes as hc
 from sparsescope.analysis.runs import d_mlp, kept_codes, probe_runs
 from sparsescope.app import charts_hash
-from sparsescope.app.state import pick_run, reader
+from sparsescope.app.state import browser_safe, empty_hint, literal, pick_run, reader
 from sparsescope.store.hamming import nearest_codes
 
 PAGE_TOKENS = 100_000  # the page reads the codes of the first sequences up to this many tokens
@@ -34,9 +34,12 @@ def _categorization(_r, root: str, run_id: str) -> pd.DataFrame:
 def probed_model(r) -> None:
     runs = probe_runs(r)
     if runs.empty:
-        st.info("No complete probe runs yet: probe a model first (`sparsescope probe ...`).")
+        empty_hint(
+            "No complete probe runs yet: probe a model first, then reload.",
+            "sparsescope probe --model {model} --data stdlib-docs --store {store}",
+        )
         return
-    run_id = pick_run(r, runs)
+    run_id = pick_run(r, runs, url_param="run")
     kept = kept_codes(r, run_id)
     if kept == "none":
         st.info(
@@ -46,7 +49,7 @@ def probed_model(r) -> None:
         return
     if kept != "all":
         st.caption(
-            f"This run kept the codes of `{kept}` (`--codes`): the numbers below are over"
+            f"This run kept the codes of {literal(kept)} (`--codes`): the numbers below are over"
             " those tokens and layers only; `--codes all` keeps every code."
         )
     root = str(r.root)
@@ -65,7 +68,8 @@ def probed_model(r) -> None:
             " `hash_codes` and `sparsescope.store.hamming.nearest_codes` reach them all."
         )
     st.plotly_chart(charts_hash.redundancy_bars(summary), width="stretch")
-    st.dataframe(summary, hide_index=True, width="stretch")
+    shown = summary.assign(layer=charts_hash.layer_labels(summary))
+    st.dataframe(shown, hide_index=True, width="stretch")
     st.caption(
         "Redundancy = (N − #unique codes) / N; `redundancy_nonconst` drops bits constant "
         "over the tokens first (same value on one set: a constant bit never separates codes)."
@@ -83,7 +87,7 @@ def probed_model(r) -> None:
     st.subheader("Most frequent codes")
     layer = st.selectbox("Layer", layers, key="freq_layer")
     frequent = hc.frequent_codes(r, run_id, layer, last_seq=last_seq)
-    st.dataframe(frequent, hide_index=True, width="stretch")
+    st.dataframe(browser_safe(frequent), hide_index=True, width="stretch")
 
     st.subheader("Nearest codes")
     every = int(kept.partition(":")[2]) if kept.startswith("every:") else 1
@@ -100,7 +104,7 @@ def probed_model(r) -> None:
     pos = int(c[1].number_input("Position", 0, n_pos, min(1, n_pos), key="nn_pos"))
     choice = c[2].selectbox("Layer", ["all layers", *layers], key="nn_layer")
     query = pd.DataFrame({"seq_id": [seq_id], "pos": [pos]})
-    st.markdown(f"Query: `{hc.token_contexts(r, run_id, query).iloc[0]}`")
+    st.markdown(f"Query: {literal(hc.token_contexts(r, run_id, query).iloc[0])}")
     chosen = None if choice == "all layers" else int(choice)
     hits = nearest_codes(r, run_id, chosen, seq_id, pos, last_seq=last_seq)
     hits["context"] = hc.token_contexts(r, run_id, hits)
@@ -113,9 +117,9 @@ def experiment(r) -> None:
         " GROUP BY run_id ORDER BY run_id DESC"
     )
     if runs.empty:
-        st.info(
-            "No hash-encoder experiment in this store yet: run "
-            f"`sparsescope experiment hash-encoder --store {r.root}` (about 2–4 minutes)."
+        empty_hint(
+            "No hash-encoder experiment in this store yet (it takes about 2–4 minutes):",
+            "sparsescope experiment hash-encoder --store {store}",
         )
         return
     run_id = st.selectbox("Experiment run", runs["run_id"].tolist(), key="experiment_run")

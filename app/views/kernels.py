@@ -1,29 +1,38 @@
 """Kernels: sparse-MLP speedup against the 1/(1−s) ceiling, bandwidth, and quality vs sparsity."""
 
+from pathlib import Path
+
 import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from sparsescope.app.state import reader
+from sparsescope.app.state import empty_hint, reader
 
 #: Assumed peak memory bandwidth: H100 SXM (HBM3), about 3.35 TB/s.
 H100_SXM_PEAK_GBS = 3350.0
+BENCH = "sparsescope bench kernels --store {store}"
+SHIPPED = Path(__file__).parents[2] / "benchmarks" / "results" / "kernel_bench_h100.json"
+BENCH_JSON = "sparsescope bench kernels --from-json {shipped} --store {store}"
+SPARSIFY_EVAL = "sparsescope sparsify-eval --model {model} --store {store}"
+BENCHES = [BENCH, BENCH_JSON] if SHIPPED.is_file() else [BENCH]
 
 st.title("Kernels")
 r = reader()
 bench = r.sql("SELECT * FROM kernel_bench")
 quality = r.sql("SELECT * FROM sparsify_eval ORDER BY method, achieved_sparsity")
 if bench.empty and quality.empty:
-    st.info(
-        "No kernel benchmarks or sparsify evaluations yet. Run `sparsescope bench kernels "
-        "--store DIR` (or `--from-json benchmarks/results/kernel_bench_h100.json`) and "
-        "`sparsescope sparsify-eval --model minilm --store DIR`."
+    empty_hint(
+        "No kernel benchmarks or sparsify evaluations yet. Time the kernels on this machine "
+        "(or load the H100 results shipped with SparseScope) and evaluate sparsified MLPs:",
+        *BENCHES,
+        SPARSIFY_EVAL,
+        shipped=SHIPPED,
     )
     st.stop()
 
 st.header("Speed")
 if bench.empty:
-    st.info("No kernel benchmarks yet: run `sparsescope bench kernels --store DIR`.")
+    empty_hint("No kernel benchmarks yet:", *BENCHES, shipped=SHIPPED)
 else:
     bench["shape"] = bench["d_model"].astype(str) + "x" + bench["d_mlp"].astype(str)
     cols = st.columns(5)
@@ -60,7 +69,7 @@ else:
 
 st.header("Quality")
 if quality.empty:
-    st.info("No sparsify evaluations yet: run `sparsescope sparsify-eval --model M --store DIR`.")
+    empty_hint("No sparsify evaluations yet:", SPARSIFY_EVAL)
 else:
     model = st.selectbox("Model", sorted(quality["model_id"].unique()))
     q = quality[quality["model_id"] == model]

@@ -10,15 +10,18 @@ from sparsescope.analysis.sparsity import (
     sequence_activity,
 )
 from sparsescope.app import charts
-from sparsescope.app.state import pick_run, reader
+from sparsescope.app.state import empty_hint, pick_run, reader
 
 st.title("Sparsity")
 r = reader()
 runs = probe_runs(r)
 if runs.empty:
-    st.info("No complete probe runs yet: probe a model first (`sparsescope probe ...`).")
+    empty_hint(
+        "No complete probe runs yet: probe a model first, then reload.",
+        "sparsescope probe --model {model} --data stdlib-docs --store {store}",
+    )
     st.stop()
-run_id = pick_run(r, runs)
+run_id = pick_run(r, runs, url_param="run")
 ratio = activation_ratio(r, run_id)
 c1, c2 = st.columns(2)
 c1.metric("Mean activation ratio (layers weighted equally)", f"{mean_activation_ratio(ratio):.2%}")

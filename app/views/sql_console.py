@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from sparsescope.app.output import cell_text, frame
-from sparsescope.app.state import reader
+from sparsescope.app.output import frame
+from sparsescope.app.state import browser_safe, literal, reader
 from sparsescope.store.console import ROW_LIMIT, SqlRefused, run_sql
 
 EXAMPLE = """SELECT layer, sum(n_active) / sum(n_tokens) AS mean_active
@@ -23,10 +23,9 @@ if st.button("Run", type="primary"):
     try:
         result = run_sql(r.root, query)
     except SqlRefused as err:
-        st.error(str(err))
+        st.error(f"Refused: {literal(err)}")
     else:
-        df = frame(result.table)
-        shown = df.assign(**{c: df[c].map(cell_text) for c in df if df[c].dtype == object})
+        shown = browser_safe(frame(result.table))
         if result.truncated:
             st.warning(f"Showing the first {ROW_LIMIT:,} rows.")
         st.dataframe(shown, hide_index=True, width="stretch")
