@@ -5,6 +5,11 @@ Two forms are fitted on every model (never assumed):
 - ``increasing``: A(D) = −c·D^(−α) + A0 (convergent power law, SiLU/GELU-like).
 Fits use scipy ``curve_fit`` with bounds and several starts; D is scaled to
 millions of tokens for conditioning.
+
+A fit is *degenerate* (``is_degenerate``) when it says nothing about the law: fewer than two
+points more than it has parameters, no fit at all, R² below ``MIN_R2`` (no better than the
+mean), or a parameter pinned at a bound of its search range (within ``BOUND_TOL`` × the
+range's width: the optimum lies at or beyond the edge of the range searched).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import numpy as np
 from scipy.optimize import curve_fit
 
 SCALE = 1e6  # tokens per unit of D inside the fits
+MIN_R2 = 0.1  # below this a fit explains (almost) none of the variance around the mean
+BOUND_TOL = 1e-6  # a parameter this close to a bound (share of the bound's range) sits on it
 
 
 def decreasing(d, c, alpha, b, a0):
@@ -47,8 +54,31 @@ class LawFit:
         return self.params["a0"]
 
     def predict(self, tokens: np.ndarray) -> np.ndarray:
-        fn = FORMS[self.form][0]
-        return fn(np.asarray(tokens, float) / SCALE, *self.params.values())
+        return evaluate({"form": self.form, **self.params}, tokens)
+
+
+def evaluate(fit, tokens) -> np.ndarray:
+    """The law of ``fit`` (a ``law_fits`` row: form and parameters) at ``tokens`` seen."""
+    fn, names, _ = FORMS[fit["form"]]
+    return fn(np.asarray(tokens, float) / SCALE, *[fit[n] for n in names])
+
+
+def is_degenerate(fit) -> str:
+    """Why the fit (a ``law_fits`` row) is degenerate, or "" when it is not (see above)."""
+    _, names, (low, high) = FORMS[fit["form"]]
+    if not fit["n_points"] >= len(names) + 2:
+        return f"too few points ({fit['n_points']} for {len(names)} parameters)"
+    r2 = fit["r2"]
+    if r2 is None or not np.isfinite(r2):
+        return "no fit"
+    if r2 < MIN_R2:
+        return f"R² {r2:.2g} < {MIN_R2:g}"
+    for name, lo, hi in zip(names, low, high, strict=True):
+        tol = BOUND_TOL * (hi - lo)
+        for side, bound in (("lower", lo), ("upper", hi)):
+            if abs(fit[name] - bound) <= tol:
+                return f"{name} at its {side} bound {bound:g}"
+    return ""
 
 
 def fit_law(tokens: np.ndarray, ratio: np.ndarray, form: str) -> LawFit | None:

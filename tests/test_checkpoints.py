@@ -164,6 +164,14 @@ def test_laws_over_the_series_and_the_pages(series, monkeypatch):
     at.switch_page("views/sparsity_laws.py").run()
     assert not at.exception, at.exception
     assert any("no tokens seen (my-run)" in c.value for c in at.caption)
+    assert any("2 of 2 fits are degenerate and hidden" in c.value for c in at.caption)
+    assert at.dataframe[0].value.empty  # one point each: both fits hidden
+    at.checkbox[0].check().run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert len(table) == 2 and table["degenerate"].str.contains("too few points").all()
+    ratio_figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t["mode"] for t in ratio_figure["data"]] == ["markers"]  # no fitted curve to draw
     at.switch_page("views/dead_neurons.py").run()
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}

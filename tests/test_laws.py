@@ -1,22 +1,36 @@
-"""Sparsity laws: law fits, PPL-p% thresholds, CETT, chunk-level sparsity."""
+"""Sparsity laws: law fits and degenerate ones, PPL-p% thresholds, CETT, chunk-level
+sparsity, the hints of the laws and dead-neuron pages on a store without checkpoint series."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from sparsescope.analysis import cett, laws
 from sparsescope.analysis.chunks import cls_curve
 from sparsescope.analysis.sparsity import activation_ratio
 from sparsescope.analysis.zoo_laws import heldout_batches
+from sparsescope.app.cli import app
+from sparsescope.app.state import STORE_ENV
 from sparsescope.kernels.thresholds import cett_error
 from sparsescope.probes.models import load_model
 from sparsescope.store.reader import Reader
 from tests.conftest import hf_minilm_activations
+
+DASHBOARD = str(Path(__file__).parents[1] / "app" / "dashboard.py")
 
 TOKENS = np.array([0, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7, 2e7])
 
@@ -39,6 +53,82 @@ def test_fits_recover_known_parameters(form, truth):
     other = "increasing" if form == "decreasing" else "decreasing"
     wrong = laws.fit_law(TOKENS, fn(d, *truth.values()) + noise, other)
     assert wrong is None or wrong.r2 < fit.r2
+
+
+GOOD = {"form": "decreasing", "c": 0.8, "alpha": 0.4, "b": -1.0, "a0": 0.05, "r2": 0.99,
+        "n_points": 6}  # fmt: skip
+INCREASING = {"form": "increasing", "b": None}
+
+
+@pytest.mark.parametrize(
+    "change, degenerate",
+    [
+        ({}, False),
+        ({"n_points": 5}, True),  # 4 parameters need two points more
+        ({**INCREASING, "n_points": 5}, False),  # 3 parameters
+        ({**INCREASING, "n_points": 4}, True),
+        ({"r2": float("nan")}, True),  # no fit
+        ({"r2": None}, True),
+        ({"r2": -6e-11}, True),  # a flat line: no better than the mean
+        ({"r2": 0.09}, True),
+        ({"r2": 0.11}, False),
+        ({"a0": 1.0}, True),  # bounds [0, 1]
+        ({"a0": 1 - 1e-9}, True),
+        ({"a0": 0.0}, True),
+        ({"a0": 0.999}, False),
+        ({"c": 2e-8}, True),  # bounds [0, 1000]
+        ({"c": 1e3}, True),
+        ({"c": 0.01}, False),
+        ({**INCREASING, "alpha": 0.010000000002}, True),  # bounds [0.01, 3]
+        ({"alpha": 3.0}, True),
+        ({"alpha": 0.0101}, False),
+        ({"b": 5.0}, True),  # bounds [-20, 5]
+        ({"b": -20.0}, True),
+        ({"b": 4.99}, False),
+    ],
+)
+def test_degenerate_fits(change, degenerate):
+    row = {**GOOD, **change}
+    assert bool(laws.is_degenerate(row)) == degenerate
+    assert bool(laws.is_degenerate(pd.Series(row))) == degenerate  # a law_fits row
+
+
+def test_evaluate_is_the_law():
+    tokens = np.array([1e3, 1e6, 3e7])
+    d = tokens / 1e6
+    np.testing.assert_allclose(
+        laws.evaluate(GOOD, tokens), np.exp(-0.8 * d**0.4 - 1.0) + 0.05, rtol=1e-12
+    )
+    increasing = {**GOOD, **INCREASING, "c": 0.02, "alpha": 0.5, "a0": 0.3}
+    np.testing.assert_allclose(laws.evaluate(increasing, tokens), -0.02 * d**-0.5 + 0.3)
+
+
+def _page(monkeypatch, store: Path, page: str) -> AppTest:
+    monkeypatch.setenv(STORE_ENV, str(store))
+    at = AppTest.from_file(DASHBOARD, default_timeout=120).run()
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.mark.parametrize("page", ["views/sparsity_laws.py", "views/dead_neurons.py"])
+def test_pages_without_series_hint_at_laws_or_the_demo(minilm_store, tmp_path, monkeypatch, page):
+    store = tmp_path / "my store's"  # a space and a quote: the command must quote it
+    shutil.copytree(minilm_store, store)  # one MiniLM probe run: no checkpoint series
+    commands = [c.value for c in _page(monkeypatch, store, page).code]
+    assert len(commands) == 1
+    argv = shlex.split(commands[0])
+    assert argv[:2] == ["sparsescope", "laws"] and argv[argv.index("--store") + 1] == str(store)
+    assert CliRunner().invoke(app, [*argv[1:], "--help"]).exit_code == 0  # options exist
+
+    (store / "demo").mkdir()  # the demo's worker is at its laws step
+    now = time.time()
+    step = {"pages": ["Sparsity laws", "Dead neurons"], "state": "running", "started": now}
+    progress = {"pid": os.getpid(), "started": now, "steps": {"laws": step}}
+    (store / "demo" / "progress.json").write_text(json.dumps(progress))
+    at = _page(monkeypatch, store, page)
+    assert not at.code
+    assert any("computing this page's data now (step 'laws'" in i.value for i in at.info)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,10 @@ activation ratios per checkpoint, the law fits' R², PPL-p% perplexities, the da
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,17 +143,124 @@ def test_ppl_p_thresholds_give_the_stored_perplexity_in_plain_hf(laws_store, mic
             assert ratio == pytest.approx(got["ppl"][0] / got["ppl_dense"][0], rel=1e-4), name
 
 
+BOUNDS = {  # METHODS.md §2's two forms, with the search ranges of analysis/laws.py's docstring
+    "decreasing": {"c": (0, 1e3), "alpha": (0.01, 3), "b": (-20, 5), "a0": (0, 1)},
+    "increasing": {"c": (0, 1e3), "alpha": (0.01, 3), "a0": (0, 1)},
+}
+
+
+def _degenerate(fit) -> bool:
+    """The rule, restated: < 2 points more than parameters, no fit, R² < 0.1, or a parameter
+    within 1e-6 of its range's width from a bound."""
+    bounds = BOUNDS[fit["form"]]
+    if fit["n_points"] < len(bounds) + 2 or not fit["r2"] >= 0.1:  # NaN: no fit
+        return True
+    return any(min(abs(fit[n] - lo), abs(fit[n] - hi)) <= 1e-6 * (hi - lo)
+               for n, (lo, hi) in bounds.items())  # fmt: skip
+
+
+def _array(values) -> np.ndarray:
+    """A plotly JSON array (a list, or base64 ``bdata`` of a dtype)."""
+    if isinstance(values, dict):
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+    return np.asarray(values)
+
+
+def _figures(at) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def _color(trace: dict) -> str:
+    return (trace.get("line") or {}).get("color") or trace["marker"]["color"]
+
+
 def test_sparsity_laws_page_draws_the_fits(laws_store, monkeypatch):
     monkeypatch.setenv(STORE_ENV, str(laws_store[0]))
     at = AppTest.from_file(DASHBOARD, default_timeout=120).run()
     at.switch_page("views/sparsity_laws.py").run()
     assert not at.exception, at.exception
     assert not at.info, [i.value for i in at.info]
-    assert len(at.get("plotly_chart")) >= 3  # ratios with fits, residuals, and more
+    assert len(at.get("plotly_chart")) >= 3  # ratios with fits, PPL-p%, CETT, CLS
+    captions = " ".join(c.value for c in at.caption)
+    for needle in ("CETT, the cumulative error of tail truncation (METHODS.md §2)",
+                   "PPL-p% (METHODS.md §2)", "CLS, chunk-level sparsity (METHODS.md §2)",
+                   "Laws over training (METHODS.md §2)"):  # fmt: skip
+        assert needle in captions, needle
+
+    # degenerate fits: hidden unless asked for, counted, drawn dashed and faded when shown
+    stored = Reader(laws_store[0]).sql("SELECT * FROM law_fits")
+    stored["degenerate"] = [_degenerate(row) for _, row in stored.iterrows()]
+    assert 0 < stored["degenerate"].sum() < len(stored)  # the micro zoo has both kinds
+    for option, layer in [("mean over layers", -1), (0, 0), (1, 1)]:
+        at.selectbox[0].set_value(option).run()
+        here = stored[stored["layer"] == layer]
+        for show in (False, True):
+            at.checkbox[0].set_value(show).run()
+            assert not at.exception, at.exception
+            fits = [t for t in _figures(at)[0]["data"] if t["mode"] == "lines"]
+            expected = here if show else here[~here["degenerate"]]
+            assert len(fits) == expected["a0"].notna().sum(), (layer, show)
+            marked = ["degenerate" in t["name"] for t in fits]
+            assert sorted(marked) == sorted(expected.loc[expected["a0"].notna(), "degenerate"])
+            assert all((t.get("opacity", 1) < 1) == m for t, m in zip(fits, marked, strict=True))
+            n = here["degenerate"].sum()
+            assert f"{n} of {len(here)} fits are degenerate" in " ".join(
+                c.value for c in at.caption
+            )
+            assert len(at.dataframe[0].value) == len(expected)
+
+    # one colour per model on every figure; each trace's legend group is its model
+    at.selectbox[0].set_value(0).run()
+    models = sorted(stored["model"].unique())
+    colors = {}
+    figures = _figures(at)
+    assert len(figures) == 6  # ratios, residuals, PPL-p%, CETT, CLS, width/depth
+    for figure in figures:
+        assert {t["legendgroup"] for t in figure["data"]} == set(models)
+        for trace in figure["data"]:
+            assert colors.setdefault(trace["legendgroup"], _color(trace)) == _color(trace)
+    assert len(set(colors.values())) == len(models)
+
+    # the Models control drives every figure and the table
+    at.multiselect[0].set_value(models[1:3]).run()
+    assert not at.exception, at.exception
+    for figure in _figures(at):
+        assert {t["legendgroup"] for t in figure["data"]} == set(models[1:3])
+        assert all(_color(t) == colors[t["legendgroup"]] for t in figure["data"])
+    assert set(at.dataframe[0].value["model"]) == set(models[1:3])
+    at.multiselect[0].set_value(models).run()
+
+    # the Layer control drives every figure: PPL-p% ratios as stored for that layer
+    ppl = Reader(laws_store[0]).sql(
+        "SELECT m.family AS model, t.p, t.activation_ratio FROM thresholds t JOIN runs r"
+        " USING (run_id) JOIN models m USING (model_id) WHERE t.layer = 1 ORDER BY p"
+    )
+    before = _figures(at)
+    at.selectbox[0].set_value(1).run()
+    after = _figures(at)
+    for old, new in zip(before, after, strict=True):
+        pairs = zip(old["data"], new["data"], strict=True)  # same traces, other values
+        assert any(not np.allclose(_array(a["y"]), _array(b["y"])) for a, b in pairs)
+    for trace in after[2]["data"]:
+        want = ppl[ppl["model"] == trace["legendgroup"]]["activation_ratio"]
+        np.testing.assert_allclose(_array(trace["y"]), want, rtol=1e-12)
+
+    # every number in the table is formatted: short, no long runs of zeros (layer 0 has
+    # c = 2e-8 and R² = 1e-16)
+    for option in (0, "mean over layers"):
+        at.selectbox[0].set_value(option).run()
+        table = at.dataframe[0].value
+        config = json.loads(at.dataframe[0].proto.columns)
+        floats = [c for c in table.columns if table[c].dtype.kind == "f"]
+        assert {"r2", "a0", "c", "alpha", "b", "rms_residual"} <= set(floats)
+        for column in floats:
+            fmt = config[column]["type_config"]["format"]
+            cells = [fmt % v for v in table[column].dropna()]
+            assert cells and all(len(c) <= 10 and not re.search(r"0\.0{5}", c) for c in cells)
+
     # residual RMS agrees with R² (SS_res = (1 − R²)·SS_tot over the fitted points)
     ratios = ratio_over_training(Reader(laws_store[0]))
     mean = ratios.groupby(["model", "tokens_seen"])["activation_ratio"].mean().reset_index()
-    table = at.dataframe[0].value
     for row in table[table["r2"].notna()].itertuples():
         a = mean[(mean["model"] == row.model) & (mean["tokens_seen"] > 0)]["activation_ratio"]
         ss_tot = ((a - a.mean()) ** 2).sum()

@@ -15,7 +15,8 @@ from sparsescope.analysis.dead_neurons import (
 )
 from sparsescope.analysis.runs import probe_runs
 from sparsescope.app import charts_neurons as charts
-from sparsescope.app.state import pick_run, reader
+from sparsescope.app import demo
+from sparsescope.app.state import empty_hint, pick_run, reader, store_path
 
 st.title("Dead neurons")
 r = reader()
@@ -78,10 +79,24 @@ if len(ckpts) > 1:
 else:
     title = "Firing frequency per layer (log10(f + 1e-10))"
     st.plotly_chart(charts.frequency_histograms(neurons, "layer", title), width="stretch")
-    st.caption(
-        "One checkpoint of this model: probe a series (`--model zoo:<name>@all`, "
-        "`series:GLOB` or `org/name@REV1,REV2`) for the death timeline."
+    series = r.sql(
+        "SELECT 1 FROM runs JOIN models USING (model_id) WHERE kind = 'probe'"
+        " AND status = 'complete' AND step IS NOT NULL LIMIT 1"
     )
+    if not series.empty:
+        st.caption(
+            "One checkpoint of this model: pick a run of a checkpoint series above for the "
+            "death timeline."
+        )
+    elif (note := demo.note(store_path(), "Dead neurons")) is not None:
+        st.info(note)
+    else:
+        empty_hint(
+            "One checkpoint of this model, so no death timeline: probe a checkpoint series "
+            "(`--model zoo:<name>@all`, `series:GLOB` or `org/name@REV1,REV2`), such as the "
+            "tiny zoo's, which `sparsescope laws` trains and probes:",
+            "sparsescope laws --store {store}",
+        )
 
 st.subheader("Dead, nearly dead and dense neurons")
 order = {c: i for i, c in enumerate(CATEGORIES)}
