@@ -18,23 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsescope.app import state
 from sparsescope.store.reader import Reader
 
 ROOT = Path(__file__).parents[1]
 DASHBOARD = ROOT / "app" / "dashboard.py"
 README = ROOT / "README.md"
-PAGES = [
-    "views/overview.py",
-    "views/sparsity.py",
-    "views/sparsity_laws.py",
-    "views/dead_neurons.py",
-    "views/neuron_browser.py",
-    "views/hash_codes.py",
-    "views/sae_features.py",
-    "views/kernels.py",
-    "views/circuits.py",
-    "views/sql_console.py",
-]
+PAGES = [path for path, _, _ in state.PAGES]  # every page, in the dashboard's order
 
 
 def readme_queries(text: str) -> list[str]:

@@ -24,7 +24,9 @@ HINT_MODEL = "minilm"  # the model spec empty pages suggest: MiniLM works offlin
 #: The dashboard's pages: script (relative to dashboard.py), title, the question it answers.
 PAGES = [
     ("views/overview.py", "Overview", "What is in this store, and where is each run shown?"),
+    ("views/search.py", "Search", "Which neurons or features fire on this token, or this often?"),
     ("views/sparsity.py", "Sparsity", "How many MLP neurons fire per token, layer by layer?"),
+    ("views/compare.py", "Compare", "How do two runs or checkpoints differ, layer by layer?"),
     (
         "views/sparsity_laws.py",
         "Sparsity laws",
@@ -82,6 +84,16 @@ def empty_hint(message: str, *commands: str, **values: str | Path) -> None:
     fills = {k: shlex.quote(str(v)) for k, v in {"store": store_path(), **values}.items()}
     for command in commands:
         st.code(command.format(model=HINT_MODEL, **fills), language="bash", wrap_lines=True)
+
+
+def demo_note(page: str) -> bool:
+    """Show the demo's progress for ``page`` when its data is on its way; whether it did."""
+    from sparsescope.app import demo
+
+    note = demo.note(store_path(), page)
+    if note is not None:
+        st.info(note)
+    return note is not None
 
 
 def reader() -> Reader:

@@ -9,7 +9,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from sparsescope.app.state import reader
+from sparsescope.app.state import demo_note, empty_hint, reader
 
 METHODS = ("activation", "attribution", "relp")
 GRID_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
@@ -21,11 +21,13 @@ runs = r.sql(
     " WHERE kind = 'circuits' AND status = 'complete' ORDER BY started_at DESC"
 )
 if runs.empty:
-    st.info(
-        "No circuits runs yet. Run `sparsescope circuits --task ioi --store DIR` (it trains the "
-        "zoo's ioi model first if needed), or `--task PAIRS.jsonl` with your own prompt pairs, "
-        "to score components by activation patching, attribution patching and RelP."
-    )
+    if not demo_note("Circuits"):
+        empty_hint(
+            "No circuits runs yet. This trains the zoo's ioi model first if needed (or pass "
+            "`--task PAIRS.jsonl` with your own prompt pairs) and scores components by "
+            "activation patching, attribution patching and RelP:",
+            "sparsescope circuits --task ioi --store {store}",
+        )
     st.stop()
 
 labels = {row.run_id: f"{row.name or row.run_id} · {row.model_id} · {row.dataset}"

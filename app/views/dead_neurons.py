@@ -15,16 +15,18 @@ from sparsescope.analysis.dead_neurons import (
 )
 from sparsescope.analysis.runs import probe_runs
 from sparsescope.app import charts_neurons as charts
-from sparsescope.app import demo
-from sparsescope.app.state import empty_hint, pick_run, reader, store_path
+from sparsescope.app.state import demo_note, empty_hint, pick_run, reader
 
 st.title("Dead neurons")
 r = reader()
 runs = probe_runs(r)
 if runs.empty:
-    st.info("No complete probe runs yet: probe a model first (`sparsescope probe ...`).")
+    empty_hint(
+        "No complete probe runs yet: probe a model first, then reload.",
+        "sparsescope probe --model {model} --data stdlib-docs --store {store}",
+    )
     st.stop()
-run_id = pick_run(r, runs)
+run_id = pick_run(r, runs, url_param="run")
 summary = layer_summary(r, run_id)
 n_tokens = int(summary["n_tokens"].max())
 cols = st.columns(4)
@@ -88,9 +90,7 @@ else:
             "One checkpoint of this model: pick a run of a checkpoint series above for the "
             "death timeline."
         )
-    elif (note := demo.note(store_path(), "Dead neurons")) is not None:
-        st.info(note)
-    else:
+    elif not demo_note("Dead neurons"):
         empty_hint(
             "One checkpoint of this model, so no death timeline: probe a checkpoint series "
             "(`--model zoo:<name>@all`, `series:GLOB` or `org/name@REV1,REV2`), such as the "

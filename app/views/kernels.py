@@ -6,7 +6,7 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from sparsescope.app.state import empty_hint, reader
+from sparsescope.app.state import demo_note, empty_hint, reader
 
 #: Assumed peak memory bandwidth: H100 SXM (HBM3), about 3.35 TB/s.
 H100_SXM_PEAK_GBS = 3350.0
@@ -21,6 +21,8 @@ r = reader()
 bench = r.sql("SELECT * FROM kernel_bench")
 quality = r.sql("SELECT * FROM sparsify_eval ORDER BY method, achieved_sparsity")
 if bench.empty and quality.empty:
+    if demo_note("Kernels"):
+        st.stop()
     empty_hint(
         "No kernel benchmarks or sparsify evaluations yet. Time the kernels on this machine "
         "(or load the H100 results shipped with SparseScope) and evaluate sparsified MLPs:",

@@ -8,7 +8,7 @@ from sparsescope.analysis import search
 from sparsescope.analysis.dead_neurons import CATEGORIES
 from sparsescope.analysis.runs import probe_runs
 from sparsescope.app.charts_neurons import browser_link
-from sparsescope.app.state import pick_run, reader
+from sparsescope.app.state import empty_hint, pick_run, reader
 
 LINK = st.column_config.LinkColumn("open", display_text="open")
 
@@ -21,7 +21,10 @@ st.caption(
 r = reader()
 runs = probe_runs(r)
 if runs.empty:
-    st.info("No complete probe runs yet: probe a model first (`sparsescope probe ...`).")
+    empty_hint(
+        "No complete probe runs yet: probe a model first, then reload.",
+        "sparsescope probe --model {model} --data stdlib-docs --store {store}",
+    )
     st.stop()
 run_id = pick_run(r, runs)
 

@@ -9,8 +9,7 @@ from sparsescope.analysis.chunks import cls_curve
 from sparsescope.analysis.laws import MIN_R2, evaluate, is_degenerate
 from sparsescope.analysis.zoo_laws import ratio_over_training
 from sparsescope.app import charts_laws as charts
-from sparsescope.app import demo
-from sparsescope.app.state import empty_hint, reader, store_path
+from sparsescope.app.state import demo_note, empty_hint, reader
 
 MEAN = "mean over layers"
 # per family, the thresholds run (PPL-p% and CETT curves) of its last checkpoint
@@ -28,10 +27,7 @@ st.title("Sparsity laws")
 r = reader()
 ratios = ratio_over_training(r)
 if ratios.empty:
-    note = demo.note(store_path(), "Sparsity laws")
-    if note is not None:
-        st.info(note)
-    else:
+    if not demo_note("Sparsity laws"):
         empty_hint(
             "No checkpoint series probed yet. `sparsescope laws` trains the tiny zoo (cached), "
             "probes every checkpoint on the held-out split and fits the laws; "
