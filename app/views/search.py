@@ -34,13 +34,15 @@ text = c1.text_input("Token or text", key="search_text")
 exact = c2.checkbox("Exact token", key="search_exact", help="Match the whole token string.")
 if text:
     found = search.neurons_by_token(r, run_id, text, exact)
-    st.caption(f"{len(found):,} neurons peak on a matching token in their top contexts.")
+    many = "the first " if len(found) == search.LIMIT else ""
+    st.caption(f"{many}{len(found):,} neurons peak on a matching token in their top contexts.")
     found["open"] = [browser_link(run_id, x.layer, x.neuron) for x in found.itertuples()]
     st.dataframe(found, hide_index=True, width="stretch", column_config={"open": LINK})
     saes = r.sql("SELECT DISTINCT sae_id FROM sae_feature_stats WHERE run_id = ?", [run_id])
     for sae_id in saes["sae_id"]:
         feats = search.features_by_token(r, run_id, sae_id, text, exact)
-        st.caption(f"SAE {sae_id}: {len(feats):,} features active on matching tokens.")
+        many = "the first " if len(feats) == search.LIMIT else ""
+        st.caption(f"SAE {sae_id}: {many}{len(feats):,} features active on matching tokens.")
         query = {"run": run_id, "sae": sae_id}
         feats["open"] = [
             "sae_features?" + urlencode(query | {"feature": int(f)}) for f in feats["feature"]
