@@ -1,7 +1,8 @@
 """Owner of METHODS.md §5 metrics: L0, FVU, dead and dense latents, CE loss recovered.
 
-Also the store look-ups of the "SAE features" page (SAE table, feature frequencies, top
-contexts, features of one token, decoder logits). Activations at position 0 (BOS/CLS) are
+Also the store look-ups of the "SAE features" page (SAE table, feature frequencies, a
+feature's values, features of one token, decoder logits; the rest of a feature's page is in
+``feature_page``). Activations at position 0 (BOS/CLS) are
 left out of every metric and left untouched when x̂ is spliced in, as in training.
 """
 
@@ -16,8 +17,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from sparsescope.analysis.contexts import group_contexts
-from sparsescope.analysis.dead_neurons import CONTEXT, unembedding
+from sparsescope.analysis.dead_neurons import unembedding
 from sparsescope.probes.hooks import hooked
 from sparsescope.probes.models import LoadedModel
 from sparsescope.probes.sae import SAE
@@ -178,27 +178,13 @@ def feature_runs(reader: Reader) -> pd.DataFrame:
 
 
 def feature_values(reader: Reader, run_id: str, sae_id: str, feature: int) -> pd.DataFrame:
+    """Every nonzero activation of the feature in the run (seq_id, pos, value), strongest
+    first (ties by seq_id, pos)."""
     return reader.sql(
         "SELECT seq_id, pos, value FROM sae_feature_acts"
-        " WHERE run_id = ? AND sae_id = ? AND feature = ? ORDER BY value DESC",
+        " WHERE run_id = ? AND sae_id = ? AND feature = ? ORDER BY value DESC, seq_id, pos",
         [run_id, sae_id, int(feature)],
     )
-
-
-def feature_contexts(
-    reader: Reader, run_id: str, sae_id: str, feature: int, n: int = 20, window: int = CONTEXT
-) -> pd.DataFrame:
-    """The feature's top-n activations: rank, value, seq_id, pos, token, before, after."""
-    df = reader.sql(
-        "WITH top AS (SELECT seq_id, pos, value, row_number() OVER (ORDER BY value DESC,"
-        " seq_id, pos) - 1 AS rank FROM sae_feature_acts"
-        " WHERE run_id = ? AND sae_id = ? AND feature = ? ORDER BY value DESC LIMIT ?)"
-        " SELECT t.rank, t.value, t.seq_id, t.pos, k.pos AS ctx_pos, k.token FROM top t"
-        " JOIN tokens k ON k.run_id = ? AND k.seq_id = t.seq_id"
-        " AND k.pos BETWEEN t.pos - ? AND t.pos + ? ORDER BY t.rank, k.pos",
-        [run_id, sae_id, int(feature), n, run_id, window, window],
-    )
-    return group_contexts(df)
 
 
 def token_features(reader: Reader, run_id: str, sae_id: str, seq_id: int, pos: int) -> pd.DataFrame:

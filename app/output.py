@@ -1,5 +1,5 @@
 """Printing tables on the command line: rich table, CSV or JSON; and Arrow results as
-DataFrames whatever their column types.
+DataFrames whatever their column types; token strings made readable (``readable_token``).
 
 User-controlled text (cells, column names, titles) is never read as rich markup."""
 
@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 FORMATS = ("table", "csv", "json")
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥"}
 
 
 def wide_console() -> Console:
@@ -82,3 +83,29 @@ def emit(df: pd.DataFrame, fmt: str = "table", title: str | None = None) -> None
         for row in df.itertuples(index=False):
             table.add_row(*(Text(cell_text(v)) for v in row))
         wide_console().print(table)
+
+
+def readable_token(text: str, raw: bytes | None = None) -> str:
+    """A token's text with nothing invisible: spaces as ␣, newlines as ↵, tabs as ⇥, other
+    unprintable characters as ``<0xNN>`` (ASCII) or ``<U+NNNN>``, the empty token as ∅.
+
+    U+FFFD (bytes the tokenizer cannot decode alone) becomes those bytes as ``<0xNN>`` when
+    ``raw``, the token's bytes, is known (see ``feature_page.token_bytes``), else ``<0x??>``.
+    The result is plain text: escape it before putting it in HTML.
+    """
+    if "\ufffd" in text and raw is not None:
+        text = raw.decode("utf-8", "surrogateescape")  # bytes that do not decode -> U+DC80..FF
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"<0x{code - 0xDC00:02X}>")
+        elif ch == "\ufffd":
+            out.append("<0x??>")
+        elif not ch.isprintable():
+            out.append(f"<0x{code:02X}>" if code < 0x80 else f"<U+{code:04X}>")
+        else:
+            out.append(ch)
+    return "".join(out) or "∅"

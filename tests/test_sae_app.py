@@ -162,7 +162,8 @@ def test_page_shows_saes_contexts_token_features_and_logits(monkeypatch, sae_sto
     assert table["arch"].tolist() == ["topk"] and {"l0", "fvu", "ce_recovered"} <= set(table)
     at.number_input(key="sae_feature").set_value(int(top["feature"])).run()
     assert not at.exception
-    assert at.metric[0].value == f"{int(top['n']):,} of 1,024"
+    probed = int(r.sql("SELECT count(*) AS n FROM tokens WHERE pos >= 1")["n"].iloc[0])
+    assert at.metric[0].value == f"{int(top['n']):,} of {probed:,}"  # position 0 is not probed
     best = r.sql(
         "SELECT a.seq_id, a.pos, a.value FROM sae_feature_acts a"
         " WHERE a.feature = ? ORDER BY a.value DESC, a.seq_id, a.pos LIMIT 1",
@@ -180,4 +181,4 @@ def test_page_shows_saes_contexts_token_features_and_logits(monkeypatch, sae_sto
     assert int(top["feature"]) in active["feature"].tolist()
     at.button(key="sae_logits").click().run()
     assert not at.exception
-    assert len(at.dataframe) == 4 and len(at.dataframe[2].value) == 10
+    assert len(at.dataframe) == 5 and len(at.dataframe[3].value) == 10  # after the lifts
