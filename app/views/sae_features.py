@@ -12,10 +12,9 @@ import streamlit as st
 from sparsescope.analysis import feature_page as fp
 from sparsescope.analysis import sae_metrics as sm
 from sparsescope.app import charts_features as charts
-from sparsescope.app import demo
 from sparsescope.app.charts_neurons import frequency_histograms
 from sparsescope.app.output import readable_token
-from sparsescope.app.state import empty_hint, literal, reader, run_name, store_path
+from sparsescope.app.state import demo_note, empty_hint, literal, reader, run_name, store_path
 from sparsescope.probes.models import ModelError, load_model
 from sparsescope.probes.sae import SaeError, load_sae
 
@@ -36,10 +35,7 @@ def _sae(path: str):
 def _empty(message: str, *commands: str, **paths) -> None:
     """The demo's note on its SAE step when there is one, else ``message`` and commands
     (``state.empty_hint``); stops the page."""
-    note = demo.note(store_path(), "SAE features")
-    if note is not None:
-        st.info(note)
-    else:
+    if not demo_note("SAE features"):
         empty_hint(message, *commands, **paths)
     st.stop()
 
