@@ -20,6 +20,7 @@ from sklearn.multiclass import OneVsOneClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
+from sparsescope.analysis.runs import tokens_around
 from sparsescope.store.hamming import ANY_SEQ
 from sparsescope.store.reader import Reader
 
@@ -280,13 +281,7 @@ def token_contexts(reader: Reader, run_id: str, places: pd.DataFrame, window: in
     """``left [token] right`` for each (seq_id, pos) row of ``places``."""
     if places.empty:
         return pd.Series([], dtype=str)
-    toks = reader.sql(
-        "SELECT p.seq_id, p.at, t.pos, t.token"
-        " FROM (SELECT unnest(?::BIGINT[]) AS seq_id, unnest(?::INTEGER[]) AS at) p"
-        " JOIN tokens t ON t.run_id = ? AND t.seq_id = p.seq_id"
-        " AND t.pos BETWEEN p.at - ? AND p.at + ? ORDER BY p.seq_id, p.at, t.pos",
-        [places["seq_id"].tolist(), places["pos"].tolist(), run_id, window, window],
-    )
+    toks = tokens_around(reader, run_id, places["seq_id"].tolist(), places["pos"].tolist(), window)
     text = {}
     for (seq, at), g in toks.groupby(["seq_id", "at"]):
         words = [f"[{w}]" if p == at else w for p, w in zip(g["pos"], g["token"], strict=True)]

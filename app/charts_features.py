@@ -67,7 +67,7 @@ def density_histogram(bins: pd.DataFrame) -> go.Figure:
         customdata=rest[["lo", "hi"]].to_numpy(),
         hovertemplate="%{customdata[0]:.4f} to %{customdata[1]:.4f}: %{y:,} tokens<extra></extra>",
     )
-    fig.update_yaxes(type="log", title="tokens (log scale)")
+    fig.update_yaxes(type="log", dtick=1, title="tokens (log scale)")
     fig.update_xaxes(title="activation")
     fig.update_layout(title="Activation density over all probed tokens", bargap=0)
     return fig

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import html
-from urllib.parse import urlencode
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
 from sparsescope.analysis.dead_neurons import CATEGORIES
+from sparsescope.app import links
 
-BROWSER_PATH = "neuron_browser"
 COLORS = {"dead": "#444444", "nearly dead": "#9467bd", "normal": "#9ecae1", "dense": "#d62728"}
-
-
-def browser_link(run_id: str, layer: int, neuron: int) -> str:
-    """Relative URL of the neuron browser at one neuron."""
-    query = urlencode({"run": run_id, "layer": int(layer), "neuron": int(neuron)})
-    return f"{BROWSER_PATH}?{query}"
 
 
 def category_bars(summary: pd.DataFrame) -> go.Figure:
@@ -71,35 +65,105 @@ def death_timeline(per_checkpoint: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def context_html(contexts: pd.DataFrame) -> str:
-    """One line per top context: the activating token highlighted, all text escaped."""
+def _line(run_id: str, label: str, row) -> str:
+    """One context as a line: ``label`` then a link to the Hamming search from its token
+    (seq_id, pos), the tokens before, the token highlighted, the tokens after; escaped."""
 
     def span(tokens: list[str]) -> str:
         return "".join(f"<span>{html.escape(t)}</span> " for t in tokens)
 
-    lines = []
-    for row in contexts.itertuples():
-        lines.append(
-            f'<div><span style="color:#888">#{row.rank + 1} · {row.value:.3f} · '
-            f"seq {row.seq_id} pos {row.pos}</span>&nbsp;&nbsp;{span(row.before)}"
-            f'<mark style="background:#fdae61;font-weight:bold">{html.escape(row.token)}</mark> '
-            f"{span(row.after)}</div>"
-        )
+    url = html.escape(links.codes_from(run_id, row.seq_id, row.pos))
+    return (
+        f'<div><span style="color:#888">{html.escape(label)} · <a href="{url}"'
+        f' title="nearest hash codes to this token">seq {row.seq_id} pos {row.pos}</a></span>'
+        f"&nbsp;&nbsp;{span(row.before)}"
+        f'<mark style="background:#fdae61;font-weight:bold">{html.escape(row.token)}</mark> '
+        f"{span(row.after)}</div>"
+    )
+
+
+def context_html(run_id: str, contexts: pd.DataFrame) -> str:
+    """One line per top context (``_line``), ranked."""
+    lines = [_line(run_id, f"#{c.rank + 1} · {c.value:.3f}", c) for c in contexts.itertuples()]
     return '<div style="line-height:1.9;font-family:monospace">' + "".join(lines) + "</div>"
 
 
-def top_values_histogram(contexts: pd.DataFrame, mean: float, std: float) -> go.Figure:
-    fig = px.histogram(
-        contexts,
-        x="value",
-        nbins=20,
-        labels={"value": "activation"},
-        title="Stored top activations (mean ± std over all tokens marked)",
+def context_heatmap(windows: pd.DataFrame) -> go.Figure:
+    """The neuron's activation over each top context (rows: rank; columns: offset from the
+    top token), its token labels in the cells. Rows need ``rank``, ``value``, ``window``
+    and ``labels`` (a label or None per offset); labels are escaped (plotly reads tags)."""
+    z = np.stack(windows["window"].to_numpy())
+    width = z.shape[1]
+    offsets = np.arange(width) - width // 2
+    text = [
+        [html.escape(t, quote=False) if t is not None else "" for t in row]
+        for row in windows["labels"]
+    ]
+    rows = [f"#{r.rank + 1} · {r.value:.3f}" for r in windows.itertuples()]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=offsets,
+            y=rows,
+            text=text,
+            texttemplate="%{text}",
+            hovertemplate="%{text}<br>offset %{x}<br>activation %{z:.4f}<extra></extra>",
+            colorscale="RdBu",
+            reversescale=True,
+            zmid=0,
+            colorbar={"title": "activation"},
+        )
     )
-    fig.add_vline(x=mean, line_dash="dash", annotation_text="mean")
-    for edge in (mean - std, mean + std):
-        fig.add_vline(x=edge, line_dash="dot")
+    fig.update_layout(
+        title="Activation over the top contexts (float16; blank: outside the sequence)",
+        xaxis={"title": "offset from the top token", "dtick": 1},
+        yaxis={"autorange": "reversed", "type": "category"},
+        height=max(300, 28 * len(rows) + 120),
+    )
     return fig
+
+
+def bin_label(lower: float, upper: float) -> str:
+    """A density bin as text: its value range, 0 or NaN."""
+    if np.isnan(lower):
+        return "NaN"
+    if lower == upper:
+        return "0"
+    return f"{lower:.3g} … {upper:.3g}"
+
+
+def density_bars(density: pd.DataFrame) -> go.Figure:
+    """Counts per density bin in value order, on a log axis."""
+    labels = [bin_label(lo, hi) for lo, hi in zip(density["lower"], density["upper"], strict=True)]
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=density["count"],
+            hovertemplate="%{x}<br>%{y:,} tokens<extra></extra>",
+            marker_color=np.where(density["lower"] >= 0, "#d6604d", "#4393c3"),
+        )
+    )
+    fig.update_layout(
+        title="Activation density over all probed tokens",
+        xaxis={"title": "activation (bins: sign × half-octaves of |a|)", "type": "category"},
+        yaxis={"title": "tokens", "type": "log", "dtick": 1},
+    )
+    return fig
+
+
+def examples_html(run_id: str, examples: pd.DataFrame, intervals: pd.DataFrame) -> str:
+    """Per quantile interval (highest first) a header and its example contexts (``_line``);
+    ``before``/``token``/``after`` hold labels."""
+    parts = []
+    for row in intervals.itertuples():
+        head = (
+            f"quantiles {100 * row.q_from:.3g}–{100 * row.q_to:.3g}% · "
+            f"{html.escape(bin_label(row.lower, row.upper))} · {row.count:,} tokens"
+        )
+        parts.append(f'<div style="margin-top:0.6em;font-weight:bold">{head}</div>')
+        for ex in examples[examples["interval"] == row.interval].itertuples():
+            parts.append(_line(run_id, f"{ex.value:.3f}", ex))
+    return '<div style="line-height:1.9;font-family:monospace">' + "".join(parts) + "</div>"
 
 
 def frequency_over_checkpoints(df: pd.DataFrame) -> go.Figure:

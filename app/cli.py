@@ -352,7 +352,7 @@ def bench_probe_cmd(
     )
     model_specs(model, data, config)  # bad options fail before any model is loaded
     r = bench_probe(model, data, tokens, config, repeats, report)
-    stored = r["stored_bytes_per_token"]
+    stored, per_run = r["stored_bytes_per_token"], r["stored_bytes_per_run"]
     sparse = f", sparsified {r['sparsify']}" if r["sparsify"] else ""
     typer.echo(
         f"{r['model']} on {r['device']} ({r['dtype']}, codes {r['codes']}{sparse}):"
@@ -363,9 +363,14 @@ def bench_probe_cmd(
     typer.echo(f"ratio probe/bare : {r['ratio']:.3f}")
     typer.echo(f"peak RSS while probing: {r['peak_rss_mb']:.0f} MiB")
     typer.echo(
-        f"stored: {sum(stored.values()):.0f} B/token ("
+        f"stored per token: {sum(stored.values()):.0f} B/token ("
         + ", ".join(f"{t} {b:.0f}" for t, b in stored.items())
         + f"); moved to host: {r['host_bytes_per_token']:.0f} B/token"
+    )
+    typer.echo(
+        f"stored per run: {sum(per_run.values()) / 2**20:.1f} MiB, whatever its length ("
+        + ", ".join(f"{t} {b / 2**20:.1f}" for t, b in per_run.items())
+        + f"); {sum(per_run.values()) / r['tokens']:.0f} B/token at this run's length"
     )
     if json_out is not None:
         json_out.write_text(json.dumps(r, indent=1))

@@ -146,6 +146,27 @@ def pick_run(r: Reader, runs, key: str = "run", url_param: str | None = None) ->
     return run_id
 
 
+def new_query(memo: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The URL's values of ``names`` when they differ from those last applied or written
+    under the session key ``memo`` (so a link applies once and widgets then rule); else {}."""
+    query = {k: st.query_params[k] for k in names if k in st.query_params}
+    if not query or query == st.session_state.get(memo):
+        return {}
+    st.session_state[memo] = query
+    return query
+
+
+def follow_url(memo: str, values: dict[str, str | None]) -> None:
+    """Write the widgets' ``values`` to the URL (None removes one) and remember them under
+    ``memo`` for ``new_query``; other parameters stay."""
+    for name, value in values.items():
+        if value is None:
+            st.query_params.pop(name, None)
+        else:
+            st.query_params[name] = value
+    st.session_state[memo] = {k: v for k, v in values.items() if v is not None}
+
+
 def browser_safe(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` as a browser shows it exactly: integer columns holding values beyond 2^53 (a
     browser would round them) and object columns (blobs, lists, ...) as text."""

@@ -6,8 +6,9 @@ same random weights) with no hooks, which is what a user would otherwise run. Wi
 ``--sparsify`` the model is sparsified once (calibration outside both timings) and the bare
 side is its own forward with no probe attached: the ratio is "probed sparse / bare sparse".
 Model loading is excluded from both. Besides the ratio it reports what a probe costs in
-memory and bytes: peak RSS while probing, bytes stored per token (per table) and bytes moved
-device -> host.
+memory and bytes: peak RSS while probing, bytes stored per token by the tables that grow
+with the run, bytes of the tables that hold a fixed amount per run (per-neuron statistics and
+pages), and bytes moved device -> host.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sparsescope.probes.job import ProbeConfig, probe_model, seq_len_of
 from sparsescope.probes.models import LoadedModel, load_model
 from sparsescope.probes.sparsified import sparsified
 from sparsescope.store.reader import Reader
+from sparsescope.store.schema import PER_TOKEN_TABLES
 
 _RSS_INTERVAL_S = 0.02
 
@@ -108,7 +110,8 @@ def bench_probe(
 ) -> dict:
     """Return tokens/s of both sides and their ratio (best of ``repeats`` each, interleaved;
     ``report(i, bare_s, probe_s)`` after each repeat), the peak RSS while probing, bytes
-    stored per token and bytes moved to the host per token."""
+    stored per token (``PER_TOKEN_TABLES``) and per run (the other tables), and bytes moved
+    to the host per token."""
     config = config or ProbeConfig(max_tokens=tokens)
     config.max_tokens = tokens
     model = load_model(model_spec, config.device, config.dtype)
@@ -159,6 +162,7 @@ def bench_probe(
         "probe_tok_s": n / best_probe,
         "ratio": best_bare / best_probe,
         "peak_rss_mb": max(peaks) / 2**20,
-        "stored_bytes_per_token": {t: b / n for t, b in stored.items()},
+        "stored_bytes_per_token": {t: b / n for t, b in stored.items() if t in PER_TOKEN_TABLES},
+        "stored_bytes_per_run": {t: b for t, b in stored.items() if t not in PER_TOKEN_TABLES},
         "host_bytes_per_token": settings["host_bytes"] / n,
     }

@@ -2,7 +2,10 @@
 
 Per batch it emits Arrow rows for ``layer_token_stats`` and ``hash_codes`` (those the
 ``CodePolicy`` keeps); over the run it accumulates mergeable ``neuron_stats`` and the
-per-neuron top contexts (``neuron_top``, a bounded top-k). Where the statistics run:
+per-neuron top contexts (``neuron_top``, a bounded top-k, with the neuron's activations around
+each entry in ``neuron_top_window``), the activation density of every neuron over all tokens
+(``neuron_density``, fixed bins) and a few sample tokens per neuron and bin
+(``neuron_samples``). Where the statistics run:
 
 - model on a CPU: the activations are read once per direction by the numba kernels of
   ``mlp_stats``, after the forward pass, on a thread pool (faster there than torch);
@@ -24,7 +27,15 @@ import torch
 from sparsescope.probes import device_stats
 from sparsescope.probes.activity import code64, firing_source
 from sparsescope.probes.codes import CodePolicy
-from sparsescope.probes.mlp_stats import neuron_columns, token_rows
+from sparsescope.probes.mlp_stats import (
+    EMPTY_HASH,
+    N_BINS,
+    SAMPLES,
+    WINDOW,
+    neuron_columns,
+    token_hash,
+    token_rows,
+)
 
 TOP_K = 20
 _POS_BITS = 24  # key = seq_id << 24 | pos identifies a token of the run
@@ -107,7 +118,10 @@ def _host(tensor: torch.Tensor, d: int) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().reshape(-1, d).float().cpu().numpy())
 
 
-STATE = ("n_active", "sum", "sum_sq", "max", "top_val", "top_key")
+STATE = (
+    "n_active", "sum", "sum_sq", "max", "top_val", "top_key", "top_window",
+    "density", "sample_hash", "sample_key", "sample_val",
+)  # fmt: skip
 
 
 class MlpProbe:
@@ -143,6 +157,14 @@ class MlpProbe:
             # per layer and neuron, the k best values (descending) and their token keys
             self.top_val = np.full((n_layers, d_mlp, top_k), -np.inf, dtype=np.float32)
             self.top_key = np.full((n_layers, d_mlp, top_k), -1, dtype=np.int64)
+            # and each entry's window (float32 here; rounded to float16 when written)
+            window = (n_layers, d_mlp, top_k, 2 * WINDOW + 1)
+            self.top_window = np.full(window, np.nan, dtype=np.float32)
+            self.density = np.zeros((n_layers, d_mlp, N_BINS), dtype=np.int64)
+            samples = (n_layers, d_mlp, N_BINS, SAMPLES)
+            self.sample_hash = np.full(samples, EMPTY_HASH, dtype=np.int64)
+            self.sample_key = np.full(samples, -1, dtype=np.int64)
+            self.sample_val = np.full(samples, np.nan, dtype=np.float32)
         else:
             acc = device_stats.accumulators(n_layers, d_mlp, top_k, self.stats_device)
             for name in STATE:
@@ -150,8 +172,9 @@ class MlpProbe:
         self._gate: dict[int, object] = {}
         self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         self._device_rows: list[tuple[int, dict[str, torch.Tensor]]] = []
-        self._keys = np.zeros(0, dtype=np.int64)
-        self._device_keys = torch.zeros(0, dtype=torch.int64)
+        self._keys = self._hashes = self._order = np.zeros(0, dtype=np.int64)
+        self._device_keys = self._device_hashes = torch.zeros(0, dtype=torch.int64)
+        self._seq_len = 1
         self._code_rows: np.ndarray | None = None  # token rows whose codes are kept; None: all
         self._seq = np.zeros(0, dtype=np.int64)
         self._pos = np.zeros(0, dtype=np.int32)
@@ -198,17 +221,22 @@ class MlpProbe:
             rows["packed"] = device_stats.pack_bits(kept)
         self._device_rows.append((layer, rows))
         acc = {name: getattr(self, name) for name in STATE}
-        device_stats.accumulate(acc, layer, values, fires, self._device_keys)
+        device_stats.accumulate(
+            acc, layer, values, fires, self._device_keys, self._device_hashes, self._seq_len
+        )
 
     def start_batch(self, seq_ids: list[int], seq_len: int) -> None:
         self._compute_pending()  # of the previous batch, whose token keys are still set
         self._seq = np.repeat(np.asarray(seq_ids, dtype=np.int64), seq_len)
         self._pos = np.tile(np.arange(seq_len, dtype=np.int32), len(seq_ids))
         self._keys = (self._seq << _POS_BITS) | self._pos
+        self._hashes, self._seq_len = token_hash(self._keys), seq_len
+        self._order = np.argsort(self._hashes, kind="stable")
         mask = self.codes.token_mask(self._seq)
         self._code_rows = None if mask is None else np.flatnonzero(mask)
         if self.stats_device is not None:
             self._device_keys = torch.from_numpy(self._keys).to(self.stats_device)
+            self._device_hashes = torch.from_numpy(self._hashes).to(self.stats_device)
             if self._code_rows is not None:
                 self._device_code_rows = torch.from_numpy(self._code_rows).to(self.stats_device)
         self.n_tokens += len(self._seq)
@@ -225,7 +253,7 @@ class MlpProbe:
             self.host_bytes += sum(t.nbytes for t in rows.values())
             self._add_rows(layer, **{name: t.cpu().numpy() for name, t in rows.items()})
         pending, self._pending = self._pending, []
-        columns = (self.n_active, self.sum, self.sum_sq, self.max, self.top_val, self.top_key)
+        columns = [getattr(self, name) for name in STATE]
         tasks, outputs = [], []
         for layer, values, gate in pending:
             n, d = values.shape
@@ -241,8 +269,9 @@ class MlpProbe:
                 for lo, hi in _ranges(n)
             ]
             layer_columns = [a[layer] for a in columns]
+            batch = (values, fire_src, self._keys, self._hashes, self._order, self._seq_len)
             tasks += [
-                _pool().submit(neuron_columns, values, fire_src, self._keys, lo, hi, *layer_columns)
+                _pool().submit(neuron_columns, *batch, lo, hi, *layer_columns)
                 for lo, hi in _ranges(d)
             ]
             outputs.append((layer, out))
@@ -305,7 +334,13 @@ class MlpProbe:
                 self.host_bytes += getattr(self, name).nbytes
                 setattr(self, name, getattr(self, name).cpu().numpy())
             self.stats_device = None
-        return {"neuron_stats": self.neuron_stats(), "neuron_top": self.neuron_top()}
+        return {
+            "neuron_stats": self.neuron_stats(),
+            "neuron_top": self.neuron_top(),
+            "neuron_top_window": self.neuron_top_window(),
+            "neuron_density": self.neuron_density(),
+            "neuron_samples": self.neuron_samples(),
+        }
 
     def neuron_stats(self) -> pa.Table:
         layers = np.repeat(np.arange(self.n_layers, dtype=np.int16), self.d_mlp)
@@ -337,5 +372,54 @@ class MlpProbe:
                 "seq_id": k >> _POS_BITS,
                 "pos": (k & ((1 << _POS_BITS) - 1)).astype(np.int32),
                 "value": vals.ravel()[keep],
+            }
+        )
+
+    def neuron_top_window(self) -> pa.Table:
+        """Per ``neuron_top`` row: the neuron's activations at pos − WINDOW .. pos + WINDOW of
+        the entry's sequence (float16 precision; NaN outside the sequence)."""
+        keys = self.top_key
+        n_layers, d_mlp, top_k, width = self.top_window.shape
+        layer, neuron, rank = np.meshgrid(
+            np.arange(n_layers), np.arange(d_mlp), np.arange(top_k), indexing="ij"
+        )
+        keep = (keys >= 0).ravel()
+        with np.errstate(over="ignore"):  # beyond float16: inf, as torch rounds on the device
+            windows = self.top_window.reshape(-1, width)[keep].astype(np.float16)
+        windows = windows.astype(np.float32)
+        offsets = np.arange(0, windows.size + 1, width, dtype=np.int32)
+        return pa.table(
+            {
+                "layer": layer.ravel()[keep].astype(np.int16),
+                "neuron": neuron.ravel()[keep].astype(np.int32),
+                "rank": rank.ravel()[keep].astype(np.int16),
+                "window": pa.ListArray.from_arrays(offsets, windows.ravel()),
+            }
+        )
+
+    def neuron_density(self) -> pa.Table:
+        """The nonzero counts of each neuron's density bins (``mlp_stats.bin_bounds``)."""
+        layer, neuron, bin_ = np.nonzero(self.density)
+        return pa.table(
+            {
+                "layer": layer.astype(np.int16),
+                "neuron": neuron.astype(np.int32),
+                "bin": bin_.astype(np.int16),
+                "count": self.density[layer, neuron, bin_],
+            }
+        )
+
+    def neuron_samples(self) -> pa.Table:
+        """Per neuron and bin, the kept tokens of smallest ``token_hash`` and their value."""
+        layer, neuron, bin_, _ = np.nonzero(self.sample_key >= 0)
+        k = self.sample_key[self.sample_key >= 0]
+        return pa.table(
+            {
+                "layer": layer.astype(np.int16),
+                "neuron": neuron.astype(np.int32),
+                "bin": bin_.astype(np.int16),
+                "seq_id": k >> _POS_BITS,
+                "pos": (k & ((1 << _POS_BITS) - 1)).astype(np.int32),
+                "value": self.sample_val[self.sample_key >= 0].astype(np.float32),
             }
         )

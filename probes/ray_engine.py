@@ -50,8 +50,9 @@ MAX_ATTEMPTS = 3
 KILL_WAIT_S = 30.0
 CRASH_ENV = "SPARSESCOPE_RAY_CRASH"  # "<shard>:<attempt>": that worker dies after a batch (tests)
 ENV_PREFIX = "SPARSESCOPE_"  # environment variables forwarded to the workers
-SUM_FIELDS = ("n_tokens", "n_active", "sum", "sum_sq")
-STATE_FIELDS = (*SUM_FIELDS, "max", "top_val", "top_key")
+SUM_FIELDS = ("n_tokens", "n_active", "sum", "sum_sq", "density")
+SAMPLE_FIELDS = ("sample_hash", "sample_key", "sample_val")
+STATE_FIELDS = (*SUM_FIELDS, "max", "top_val", "top_key", "top_window", *SAMPLE_FIELDS)
 BAD_INPUT = (
     ModelError,
     DataError,
@@ -94,10 +95,18 @@ def merge_states(states: list[dict]) -> dict:
             out[name] = np.maximum.reduce(values)
     if "top_val" in states[0]:  # [L, D, K] each: concatenate along K, keep the K best
         val = np.concatenate([s["top_val"] for s in states], axis=2)
-        key = np.concatenate([s["top_key"] for s in states], axis=2)
         best = np.argsort(-val, axis=2, kind="stable")[..., : states[0]["top_val"].shape[2]]
-        out["top_val"] = np.take_along_axis(val, best, 2)
-        out["top_key"] = np.take_along_axis(key, best, 2)
+        tops = [name for name in ("top_val", "top_key", "top_window") if name in states[0]]
+        for name in tops:  # windows: [L, D, K, 2W + 1]
+            both = np.concatenate([s[name] for s in states], axis=2)
+            out[name] = np.take_along_axis(
+                both, best.reshape(best.shape + (1,) * (both.ndim - 3)), 2
+            )
+    if "sample_hash" in states[0]:  # [L, D, bins, S] each: keep the S smallest hashes
+        hashes = np.concatenate([s["sample_hash"] for s in states], axis=3)
+        keep = np.argsort(hashes, axis=3, kind="stable")[..., : states[0]["sample_hash"].shape[3]]
+        for name in SAMPLE_FIELDS:
+            out[name] = np.take_along_axis(np.concatenate([s[name] for s in states], 3), keep, 3)
     return out
 
 

@@ -82,6 +82,34 @@ DATA_TABLES: dict[str, pa.Schema] = {
             ("value", pa.float32()),
         ]
     ),
+    # the neuron page's data (probes.mlp_probe; bins: probes.mlp_stats.bin_bounds). Runs
+    # written before these tables existed have no rows in them: no migration is needed
+    "neuron_top_window": pa.schema(  # per neuron_top row: activations at pos - 6 .. pos + 6
+        [
+            ("layer", pa.int16()),
+            ("neuron", pa.int32()),
+            ("rank", pa.int16()),
+            ("window", pa.list_(pa.float32())),  # float16 precision; NaN outside the sequence
+        ]
+    ),
+    "neuron_density": pa.schema(  # nonzero counts of fixed bins over all probed tokens
+        [
+            ("layer", pa.int16()),
+            ("neuron", pa.int32()),
+            ("bin", pa.int16()),
+            ("count", pa.int64()),
+        ]
+    ),
+    "neuron_samples": pa.schema(  # per bin, the tokens of smallest token_hash(seq_id, pos)
+        [
+            ("layer", pa.int16()),
+            ("neuron", pa.int32()),
+            ("bin", pa.int16()),
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("value", pa.float32()),
+        ]
+    ),
     "hash_codes": pa.schema(
         [
             ("seq_id", pa.int64()),
@@ -204,6 +232,10 @@ DATA_TABLES: dict[str, pa.Schema] = {
     ),
 }
 
+
+# tables with rows per probed token (their bytes grow with a run's length); the others hold
+# a fixed amount per run, layer and neuron
+PER_TOKEN_TABLES = ("tokens", "layer_token_stats", "hash_codes", "sae_feature_acts")
 
 # tables whose Parquet parts are sorted, so that DuckDB can skip row groups on lookups
 SORT_KEYS: dict[str, list[tuple[str, str]]] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -209,6 +210,26 @@ def test_every_page_in_chromium(server):
         page.wait_for_timeout(1500)
         assert "neuron_browser?run=" in page.url and "neuron=" in page.url
         shot("link-dead-to-neuron")
+
+        visit("neuron_browser?layer=2&neuron=7", "Neuron browser")  # the page's components
+        for heading in ("Top-activating contexts", "Activation density", "Tokens that raise"):
+            page.get_by_role("heading", name=heading).first.wait_for(timeout=60_000)
+        page.locator(".js-plotly-plot").nth(1).wait_for(timeout=60_000)  # heatmap, density
+        assert page.locator(".js-plotly-plot .heatmaplayer").count() == 1
+        page.get_by_text("Examples by quantile interval").wait_for(timeout=60_000)
+        assert page.get_by_text(re.compile(r"^quantiles \d")).count() >= 2
+        assert page.locator("[data-testid='stDataFrame']").count() >= 1  # the lift table
+        assert "&quot;" not in page.locator(".js-plotly-plot").first.inner_text()
+        shot("neuron-page")
+
+        link = page.locator("a[href^='hash_codes?']:visible").first  # an example's place
+        seq = re.search(r"seq=(\d+)", link.get_attribute("href")).group(1)
+        link.click()
+        page.get_by_role("heading", name="Nearest codes").wait_for(timeout=90_000)
+        page.wait_for_timeout(1500)
+        assert f"seq={seq}" in page.url
+        assert page.get_by_label("Sequence").input_value() == seq
+        shot("link-context-to-codes")
 
         visit("search", "Search")  # a text search
         box = page.get_by_label("Token or text")

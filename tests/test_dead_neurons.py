@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import plotly.io
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -27,7 +28,7 @@ from sparsescope.probes.job import ProbeConfig, run_probe
 from sparsescope.probes.models import minilm_path
 from sparsescope.store.console import run_sql
 from sparsescope.store.reader import Reader
-from tests.test_neuron_browser import dashboard_app
+from tests.test_neuron_browser import dashboard_app, plotly_array
 
 SEQ_LEN, BATCH, N_TOKENS = 64, 8, 2048
 N_LAYERS, D_MODEL, D_MLP = 2, 32, 64
@@ -245,7 +246,11 @@ def test_pages_on_a_multi_checkpoint_store(zoo_store, monkeypatch, tmp_path):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Category"] == "dead"
     assert f"dead over {N_TOKENS:,} tokens" in at.caption[0].value
-    assert len(at.get("plotly_chart")) == 1  # no top contexts for a dead neuron; over training
+    charts = [plotly.io.from_json(c.proto.spec).data[0] for c in at.get("plotly_chart")]
+    assert [c.type for c in charts] == ["bar", "scatter"]  # no top contexts; density; training
+    density = charts[0]  # every token, none of them above 0
+    assert sum(plotly_array(density.y)) == N_TOKENS
+    assert all(label == "0" or label.startswith("-") for label in density.x), density.x
     at.toggle[0].set_value(True).run()
     assert not at.exception, at.exception
     hf = GPT2LMHeadModel.from_pretrained(zoo_store.zoo / "micro" / "planted" / "step-10")

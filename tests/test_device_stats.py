@@ -9,6 +9,7 @@ import torch
 from sparsescope.probes.codes import CodePolicy
 from sparsescope.probes.device_stats import merge_top_k, pack_bits
 from sparsescope.probes.mlp_probe import STATE, MlpProbe
+from sparsescope.probes.mlp_stats import SAMPLES, WINDOW, token_hash
 
 
 def _feed(probe: MlpProbe, batches: list) -> dict[str, pa.Table]:
@@ -25,6 +26,75 @@ def _feed(probe: MlpProbe, batches: list) -> dict[str, pa.Table]:
             rows[name] += batch_rows
     probe.final_tables()
     return {name: pa.Table.from_batches(r) if r else None for name, r in rows.items()}
+
+
+EXACT = (
+    "n_active",
+    "max",
+    "top_val",
+    "top_key",
+    "density",
+    "sample_hash",
+    "sample_key",
+    "sample_val",
+)
+# magnitudes edges of the regular density bins, built here as METHODS.md §1 states them
+MAGNITUDE_EDGES = [m * 2.0**e for e in range(-10, 6) for m in (1.0, 1.5)] + [2.0**6]
+
+
+def numpy_density(x: np.ndarray) -> np.ndarray:
+    """Counts of the 70 density bins of ``x`` (1-D) with numpy.histogram: magnitudes of each
+    sign in [0, 2^-10), the half-octaves, [2^6, inf]; then exact zeros and NaNs apart."""
+    edges = [0.0, *MAGNITUDE_EDGES, np.inf]
+    positive = np.histogram(x[x > 0], bins=edges)[0]
+    negative = np.histogram(-x[x < 0], bins=edges)[0]
+    return np.concatenate([negative[::-1], [np.sum(x == 0)], positive, [np.isnan(x).sum()]])
+
+
+def numpy_bins(x: np.ndarray) -> np.ndarray:
+    """The density bin of each value, by numpy searchsorted on the same edges."""
+    k = np.searchsorted(MAGNITUDE_EDGES, np.abs(x), side="right")  # 0: under, 33: over
+    bins = np.where(x > 0, 35 + k, 33 - k)
+    return np.where(np.isnan(x), 69, np.where(x == 0, 34, bins))
+
+
+def sequences(batches, layer: int) -> dict[int, np.ndarray]:
+    """seq_id -> the post activations [seq_len, d] of one layer, from ``_batches``-style input."""
+    out = {}
+    for seq_ids, layers in batches:
+        post = layers[layer][1].numpy()
+        out |= {seq: post[i] for i, seq in enumerate(seq_ids)}
+    return out
+
+
+def check_page_state(probe: MlpProbe, batches) -> None:
+    """The probe's density, top-k windows and bin samples against numpy over the inputs."""
+    n_layers, d = probe.n_layers, probe.d_mlp
+    for layer in range(n_layers):
+        seqs = sequences(batches, layer)
+        keys = np.concatenate([(seq << 24) | np.arange(len(a)) for seq, a in seqs.items()])
+        acts = np.concatenate(list(seqs.values()))  # [tokens, d], rows in key order
+        hashes = token_hash(keys)
+        for j in range(d):
+            np.testing.assert_array_equal(probe.density[layer, j], numpy_density(acts[:, j]))
+            bins = numpy_bins(acts[:, j])
+            for b in np.unique(bins):  # the SAMPLES smallest hashes, earlier token first
+                mine = np.flatnonzero(bins == b)
+                chosen = mine[np.argsort(hashes[mine], kind="stable")[:SAMPLES]]
+                got = probe.sample_key[layer, j, b]
+                np.testing.assert_array_equal(got[got >= 0], keys[chosen])
+                np.testing.assert_array_equal(probe.sample_val[layer, j, b][: len(chosen)],
+                                              acts[chosen, j])  # fmt: skip
+            assert (probe.sample_key[layer, j, np.setdiff1d(np.arange(70), bins)] == -1).all()
+        for j, r in zip(*np.nonzero(probe.top_key[layer] >= 0), strict=True):
+            key = probe.top_key[layer, j, r]
+            seq = seqs[int(key >> 24)][:, j]
+            at = int(key & 0xFFFFFF) + np.arange(-WINDOW, WINDOW + 1)
+            inside = (at >= 0) & (at < len(seq))
+            expected = np.where(inside, seq[np.clip(at, 0, len(seq) - 1)], np.nan)
+            np.testing.assert_array_equal(
+                probe.top_window[layer, j, r].astype(np.float16), expected.astype(np.float16)
+            )
 
 
 def _batches(gated: bool, relu: bool, d: int, seed: int = 0):
@@ -50,8 +120,10 @@ def test_device_path_equals_host_path(gated, relu, d, codes):
     host = MlpProbe(2, d, gated, top_k=5, codes=codes)
     device = MlpProbe(2, d, gated, top_k=5, codes=codes, stats_device="cpu")
     host_rows, device_rows = _feed(host, batches), _feed(device, batches)
-    for name in ("n_active", "max", "top_val", "top_key"):  # exact, top-k order included
+    for name in EXACT:  # exact, top-k and sample order included
         np.testing.assert_array_equal(getattr(device, name), getattr(host, name), err_msg=name)
+    np.testing.assert_array_equal(device.top_window, host.top_window.astype(np.float16))
+    check_page_state(host, batches)
     posts = np.stack(  # [layer, token, neuron] in float64, for the sums' independent check
         [
             np.concatenate([b[1][layer][1].reshape(-1, d).numpy() for b in batches])
@@ -144,3 +216,26 @@ def test_sparse_gated_firing_counts_only_computed_neurons_on_both_paths():
             pa.compute.equal(rows["layer_token_stats"]["layer"], 1)
         )
         np.testing.assert_array_equal(layer1["n_active"].to_numpy(), fires.sum(1))
+
+
+def test_density_bins_at_their_edges_on_both_paths():
+    """Every bin edge, the floats either side of it, ±0, subnormals, ±inf and NaN."""
+    edges = np.array(MAGNITUDE_EDGES, np.float32)
+    near = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, np.inf)])
+    special = [0.0, -0.0, 1e-45, 1e-40, 3e38, np.inf, np.nan, 1e30, 100.0, 1e-20]
+    column = np.concatenate([near, -near, special, -np.array(special)]).astype(np.float32)
+    values = np.tile(column[:, None], (1, 3))  # 3 neurons, one sequence per 6 values
+    values[:, 1] = values[::-1, 1]
+    n_seq = len(values) // 6
+    post = torch.from_numpy(values[: n_seq * 6].reshape(n_seq, 6, 3).copy())
+    probes = [MlpProbe(1, 3, False, top_k=2), MlpProbe(1, 3, False, top_k=2, stats_device="cpu")]
+    for probe in probes:
+        _feed(probe, [(list(range(n_seq)), [(None, post)])])
+    host, device = probes
+    flat = post.reshape(-1, 3).numpy()
+    for j in range(3):
+        np.testing.assert_array_equal(host.density[0, j], numpy_density(flat[:, j]))
+        np.testing.assert_array_equal(np.bincount(numpy_bins(flat[:, j]), minlength=70),
+                                      numpy_density(flat[:, j]))  # fmt: skip
+    for name in ("density", "sample_hash", "sample_key", "sample_val"):
+        np.testing.assert_array_equal(getattr(device, name), getattr(host, name), err_msg=name)

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import time
+from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
@@ -234,6 +235,9 @@ def test_page_follows_the_link_and_shows_every_section(monkeypatch, raw):
     lift = at.dataframe[2].value
     expected = fp.token_lift(*_args(raw, feature))
     assert lift["token"].tolist() == [readable_token(t) for t in expected["token"]]
+    assert lift["search"].iloc[0] == "search?" + urlencode(
+        {"run": run_id, "token": expected["token"].iloc[0], "exact": 1}
+    )
     at.button(key="sae_logits").click().run()
     logits = at.dataframe[3].value
     tokenizer = AutoTokenizer.from_pretrained(raw["store"].parent / "gpt2")

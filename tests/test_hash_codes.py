@@ -188,3 +188,49 @@ def test_page_on_an_empty_store(monkeypatch, empty_store):
     assert not at.exception, at.exception
     text = " ".join(i.value for i in at.info)
     assert "No complete probe runs" in text and "No hash-encoder experiment" in text
+
+
+def _page_at(monkeypatch, store, **query) -> AppTest:
+    monkeypatch.setenv(STORE_ENV, str(store))
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.query_params.update(query)
+    return at.run()
+
+
+def test_a_link_starts_the_search_from_its_token(monkeypatch, independent, minilm_store):
+    reader, run_id, _, _ = independent
+    at = _page_at(monkeypatch, minilm_store, run=run_id, seq="7", pos="40")
+    assert not at.exception, at.exception
+    assert not at.warning, [w.value for w in at.warning]
+    assert (at.number_input(key="nn_seq").value, at.number_input(key="nn_pos").value) == (7, 40)
+    nearest = at.dataframe[2].value
+    expected = _brute_force(reader, run_id, None, 7, 40)
+    pd.testing.assert_frame_equal(
+        nearest[["seq_id", "pos", "distance"]].astype("int64"), expected.astype("int64")
+    )
+    seq, pos = int(expected["seq_id"].iloc[0]), int(expected["pos"].iloc[0])
+    assert nearest["from here"].iloc[0] == f"hash_codes?run={run_id}&seq={seq}&pos={pos}"
+    # the URL follows the widgets; the link is applied once, so the widgets then rule
+    at.number_input(key="nn_pos").set_value(5).run()
+    assert at.query_params["pos"] == "5" and at.number_input(key="nn_pos").value == 5
+    layer_3 = at.selectbox(key="nn_layer").set_value(3).run().dataframe[2].value
+    pd.testing.assert_frame_equal(
+        layer_3[["seq_id", "pos", "distance"]].astype("int64"),
+        _brute_force(reader, run_id, 3, 7, 5).astype("int64"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "warning", "shown"),
+    [
+        ({"seq": "x`*", "pos": "3"}, "seq `` x`* ``, which is not an index", (0, 3)),
+        ({"seq": "999"}, "sequence 999: this page reads the codes of sequences 0–23", (0, 1)),
+        ({"seq": "2", "pos": "500"}, "Sequence 2 has no position 500 (0–63): showing 63", (2, 63)),
+    ],
+)
+def test_bad_start_parameters_warn(monkeypatch, independent, minilm_store, query, warning, shown):
+    _, run_id, _, _ = independent
+    at = _page_at(monkeypatch, minilm_store, run=run_id, **query)
+    assert not at.exception, at.exception
+    assert [w.value for w in at.warning if warning in w.value], [w.value for w in at.warning]
+    assert (at.number_input(key="nn_seq").value, at.number_input(key="nn_pos").value) == shown

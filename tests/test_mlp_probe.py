@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sparsescope.probes.mlp_probe import MlpProbe
-from sparsescope.probes.mlp_stats import neuron_columns
+from sparsescope.probes.mlp_probe import STATE, MlpProbe
+from sparsescope.probes.mlp_stats import neuron_columns, token_hash
 
 
 @pytest.mark.parametrize("relu", [False, True])  # ReLU: many equal values (zeros)
@@ -78,13 +78,14 @@ def test_neuron_columns_do_not_depend_on_how_the_neurons_are_cut():
     rng = np.random.default_rng(2)
     values = rng.normal(size=(600, 150)).astype(np.float32)  # past one float32 sum block
     keys = np.arange(600, dtype=np.int64)
+    hashes = token_hash(keys)
+    batch = (values, values, keys, hashes, np.argsort(hashes, kind="stable"), 60)
 
     def run(cuts: list[int]) -> list[np.ndarray]:
-        out = [np.zeros(150, np.int64), np.zeros(150), np.zeros(150)]
-        out += [np.full(150, -np.inf, np.float32), np.full((150, 5), -np.inf, np.float32)]
-        out.append(np.full((150, 5), -1, np.int64))
+        probe = MlpProbe(n_layers=1, d_mlp=150, gated=False, top_k=5)
+        out = [getattr(probe, name)[0] for name in STATE]
         for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-            neuron_columns(values, values, keys, lo, hi, *out)
+            neuron_columns(*batch, lo, hi, *out)
         return out
 
     for whole, cut in zip(run([0, 150]), run([0, 7, 70, 150]), strict=True):

@@ -102,3 +102,29 @@ def test_neurons_by_frequency_and_the_page(minilm_store, minilm_truth, monkeypat
     assert len(table) > 0 and table["open"].str.startswith(f"neuron_browser?run={run_id}").all()
     first = table.iloc[0]
     assert first["open"].endswith(f"layer={first['layer']}&neuron={first['neuron']}")
+
+
+def test_a_token_link_opens_its_search(minilm_store, minilm_truth, monkeypatch):  # noqa: F811
+    """``?run=&token=&exact=1`` (a lift table's link) fills the search; hits against the
+    brute-force top-k; a run the store lacks gets a warning."""
+    r = Reader(minilm_store)
+    run_id = r.sql("SELECT run_id FROM runs").iloc[0, 0]
+    monkeypatch.setenv(STORE_ENV, str(minilm_store))
+    at = AppTest.from_file(str(VIEWS / "search.py"), default_timeout=120)
+    at.query_params.update({"run": run_id, "token": "the", "exact": "1"})
+    at.run()
+    assert not at.exception, at.exception
+    assert at.text_input(key="search_text").value == "the" and at.checkbox(key="search_exact").value
+    table = at.dataframe[0].value
+    truth = _truth_hits(minilm_truth, 0, lambda t: t == "the")
+    shown = table[table["layer"] == 0].set_index("neuron")["hits"]
+    checked = [n for n in shown.index if n in truth]
+    assert checked and all(shown[n] == truth[n] for n in checked)
+    at.checkbox(key="search_exact").uncheck().run()
+    assert at.query_params["token"] == "the" and at.query_params["exact"] == "0"
+
+    at = AppTest.from_file(str(VIEWS / "search.py"), default_timeout=120)
+    at.query_params.update({"run": "no-such-run", "token": "the"})
+    at.run()
+    assert not at.exception, at.exception
+    assert any("no-such-run" in w.value for w in at.warning)

@@ -15,6 +15,7 @@ from sparsescope.analysis.dead_neurons import (
 )
 from sparsescope.analysis.runs import probe_runs
 from sparsescope.app import charts_neurons as charts
+from sparsescope.app import links
 from sparsescope.app.state import demo_note, empty_hint, pick_run, reader
 
 st.title("Dead neurons")
@@ -103,7 +104,7 @@ order = {c: i for i, c in enumerate(CATEGORIES)}
 table = neurons[neurons["category"] != "normal"].sort_values(
     ["category", "freq"], key=lambda col: col.map(order) if col.name == "category" else -col
 )
-table["browse"] = [charts.browser_link(run_id, x.layer, x.neuron) for x in table.itertuples()]
+table["browse"] = [links.neuron(run_id, x.layer, x.neuron) for x in table.itertuples()]
 st.dataframe(
     table.drop(columns=["log10_freq"]),
     hide_index=True,

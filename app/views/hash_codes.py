@@ -1,15 +1,26 @@
 """Hash codes: redundancy and categorization of firing patterns, Hamming neighbours, and the
 hash-encoder experiment's phase chart."""
 
+import re
+
 import pandas as pd
 import streamlit as st
 
 from sparsescope.analysis import hash_codes as hc
 from sparsescope.analysis.runs import d_mlp, kept_codes, probe_runs
-from sparsescope.app import charts_hash
-from sparsescope.app.state import browser_safe, empty_hint, literal, pick_run, reader
+from sparsescope.app import charts_hash, links
+from sparsescope.app.state import (
+    browser_safe,
+    empty_hint,
+    follow_url,
+    literal,
+    new_query,
+    pick_run,
+    reader,
+)
 from sparsescope.store.hamming import nearest_codes
 
+START_MEMO = "nn_applied"  # the ?seq=&pos= last applied or written
 PAGE_TOKENS = 100_000  # the page reads the codes of the first sequences up to this many tokens
 
 
@@ -92,23 +103,66 @@ def probed_model(r) -> None:
     st.subheader("Nearest codes")
     every = int(kept.partition(":")[2]) if kept.startswith("every:") else 1
     n_seq = min(n_seq, last_seq)
+    top_seq = n_seq - n_seq % every
+    _start_from_url(top_seq, every)
+    _at_most("nn_seq", top_seq, "This page reads no sequence")
     c = st.columns(3)
-    seq_id = int(
-        c[0].number_input("Sequence", 0, n_seq - n_seq % every, 0, step=every, key="nn_seq")
-    )
+    seq_id = int(c[0].number_input("Sequence", 0, top_seq, step=every, key="nn_seq"))
     n_pos = int(
         r.sql("SELECT max(pos) FROM tokens WHERE run_id = ? AND seq_id = ?", [run_id, seq_id]).iloc[
             0, 0
         ]
     )
-    pos = int(c[1].number_input("Position", 0, n_pos, min(1, n_pos), key="nn_pos"))
+    _at_most("nn_pos", n_pos, f"Sequence {seq_id} has no position")
+    st.session_state.setdefault("nn_pos", min(1, n_pos))
+    pos = int(c[1].number_input("Position", 0, n_pos, key="nn_pos"))
+    follow_url(START_MEMO, {"seq": str(seq_id), "pos": str(pos)})
     choice = c[2].selectbox("Layer", ["all layers", *layers], key="nn_layer")
     query = pd.DataFrame({"seq_id": [seq_id], "pos": [pos]})
     st.markdown(f"Query: {literal(hc.token_contexts(r, run_id, query).iloc[0])}")
     chosen = None if choice == "all layers" else int(choice)
     hits = nearest_codes(r, run_id, chosen, seq_id, pos, last_seq=last_seq)
     hits["context"] = hc.token_contexts(r, run_id, hits)
-    st.dataframe(hits, hide_index=True, width="stretch")
+    hits["from here"] = [links.codes_from(run_id, h.seq_id, h.pos) for h in hits.itertuples()]
+    st.dataframe(
+        hits,
+        hide_index=True,
+        width="stretch",
+        column_config={"from here": st.column_config.LinkColumn(display_text="search from here")},
+    )
+    st.caption(
+        "Hamming distance between the tokens' codes (all layers: the sum over layers). Every"
+        " row's link starts the search again from its token; a neuron page's contexts link here."
+    )
+
+
+def _at_most(key: str, top: int, what: str) -> None:
+    """Bring the widget value under ``key`` down to ``top`` with a warning when above it."""
+    value = st.session_state.get(key, 0)
+    if value > top:
+        st.warning(f"{what} {value} (0–{top}): showing {top}.")
+        st.session_state[key] = top
+
+
+def _start_from_url(top_seq: int, every: int) -> None:
+    """Start the search from a new ``?seq=&pos=`` of the URL; warn about a value that is no
+    index or a sequence whose codes the page does not read."""
+    query = new_query(START_MEMO, ("seq", "pos"))
+    for name, key in (("seq", "nn_seq"), ("pos", "nn_pos")):
+        if name not in query:
+            continue
+        text = query[name]
+        if not re.fullmatch(r"[0-9]+", text):
+            st.warning(f"The link asks for {name} {literal(text)}, which is not an index.")
+        elif name == "seq" and (int(text) > top_seq or int(text) % every):
+            st.warning(
+                f"The link asks for sequence {int(text)}: this page reads the codes of"
+                f" sequences 0–{top_seq}"
+                + (f" (one in {every}: 0, {every}, {2 * every}, …)" if every > 1 else "")
+                + ". Pick one below."
+            )
+        else:
+            st.session_state[key] = int(text)
 
 
 def experiment(r) -> None:

@@ -1,11 +1,10 @@
 """Overview, the dashboard's hub: what each page answers, then the store's runs grouped by
 model (checkpoints in step order) with links to the pages that show each run."""
 
-from urllib.parse import urlencode
-
 import pandas as pd
 import streamlit as st
 
+from sparsescope.app import links
 from sparsescope.app.state import PAGES, empty_hint, literal, reader, run_name, store_path
 
 #: Pages that show one probe run and honour ``?run=<run_id>`` (link column: page title).
@@ -32,7 +31,7 @@ FORMATS = {
 
 
 def _run_link(page: str, run_id: str) -> str:
-    return f"{URLS[page]}?{urlencode({'run': run_id})}"
+    return links.run_page(URLS[page], run_id)
 
 
 def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:

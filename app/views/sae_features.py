@@ -12,9 +12,19 @@ import streamlit as st
 from sparsescope.analysis import feature_page as fp
 from sparsescope.analysis import sae_metrics as sm
 from sparsescope.app import charts_features as charts
+from sparsescope.app import links
 from sparsescope.app.charts_neurons import frequency_histograms
 from sparsescope.app.output import readable_token
-from sparsescope.app.state import demo_note, empty_hint, literal, reader, run_name, store_path
+from sparsescope.app.state import (
+    demo_note,
+    empty_hint,
+    follow_url,
+    literal,
+    new_query,
+    reader,
+    run_name,
+    store_path,
+)
 from sparsescope.probes.models import ModelError, load_model
 from sparsescope.probes.sae import SaeError, load_sae
 
@@ -43,10 +53,7 @@ def _empty(message: str, *commands: str, **paths) -> None:
 def _apply_query_params(options: list[tuple[str, str]], d_sae: dict[str, int]) -> None:
     """Copy a new ?run=&sae=&feature= into the widgets (once per distinct URL); a value that
     names nothing here gets a warning naming it."""
-    query = {k: st.query_params[k] for k in PARAMS if k in st.query_params}
-    if not query or query == st.session_state.get("sae_applied"):
-        return
-    st.session_state["sae_applied"] = query
+    query = new_query("sae_applied", PARAMS)
     matches, where = options, "this store"
     if "run" in query:
         in_run = [o for o in options if o[0] == query["run"]]
@@ -139,9 +146,7 @@ top = d_sae.get(sae_id, 1 << 30)
 if st.session_state.get("sae_feature", 0) >= top:
     st.session_state["sae_feature"] = 0
 feature = int(st.number_input("Feature", 0, top - 1, step=1, key="sae_feature"))
-query = {"run": run_id, "sae": sae_id, "feature": str(feature)}
-st.query_params.from_dict(query)
-st.session_state["sae_applied"] = query
+follow_url("sae_applied", {"run": run_id, "sae": sae_id, "feature": str(feature)})
 
 summary = fp.feature_summary(r, run_id, sae_id, feature)
 values = sm.feature_values(r, run_id, sae_id, feature)
@@ -214,7 +219,9 @@ else:
         f"least {least} times; count = occurrences, n_active = those where it fires."
     )
     lift = fp.token_lift(r, run_id, sae_id, feature, least)
-    st.dataframe(_readable(lift), hide_index=True, width="stretch")
+    lift["search"] = [links.token_search(run_id, t) for t in lift["token"]]
+    shown = _readable(lift)
+    st.dataframe(shown, hide_index=True, width="stretch", column_config=links.SEARCH_COLUMN)
 
 with st.expander("Output direction: tokens it promotes and suppresses"):
     st.caption("W_dec[feature] times the unembedding (direct path). This loads the model once.")

@@ -1,16 +1,18 @@
-"""Search: neurons and SAE features by the token they fire on, by frequency and category."""
+"""Search: neurons and SAE features by the token they fire on, by frequency and category.
 
-from urllib.parse import urlencode
+Arrive with ``?run=<run_id>&token=<text>&exact=1`` (a lift table's link); the URL follows
+the widgets."""
 
 import streamlit as st
 
 from sparsescope.analysis import search
 from sparsescope.analysis.dead_neurons import CATEGORIES
 from sparsescope.analysis.runs import probe_runs
-from sparsescope.app.charts_neurons import browser_link
-from sparsescope.app.state import empty_hint, pick_run, reader
+from sparsescope.app import links
+from sparsescope.app.state import empty_hint, follow_url, new_query, pick_run, reader
 
 LINK = st.column_config.LinkColumn("open", display_text="open")
+TOKEN_MEMO = "search_applied"  # the ?token=&exact= last applied or written
 
 st.title("Search")
 st.caption(
@@ -26,27 +28,30 @@ if runs.empty:
         "sparsescope probe --model {model} --data stdlib-docs --store {store}",
     )
     st.stop()
-run_id = pick_run(r, runs)
+run_id = pick_run(r, runs, url_param="run")
 
 st.subheader("Fires on a token")
+query = new_query(TOKEN_MEMO, ("token", "exact"))
+if "token" in query:
+    st.session_state["search_text"] = query["token"]
+if "exact" in query:
+    st.session_state["search_exact"] = query["exact"] == "1"
 c1, c2 = st.columns([3, 1])
 text = c1.text_input("Token or text", key="search_text")
 exact = c2.checkbox("Exact token", key="search_exact", help="Match the whole token string.")
+follow_url(TOKEN_MEMO, {"token": text or None, "exact": ("1" if exact else "0") if text else None})
 if text:
     found = search.neurons_by_token(r, run_id, text, exact)
     many = "the first " if len(found) == search.LIMIT else ""
     st.caption(f"{many}{len(found):,} neurons peak on a matching token in their top contexts.")
-    found["open"] = [browser_link(run_id, x.layer, x.neuron) for x in found.itertuples()]
+    found["open"] = [links.neuron(run_id, x.layer, x.neuron) for x in found.itertuples()]
     st.dataframe(found, hide_index=True, width="stretch", column_config={"open": LINK})
     saes = r.sql("SELECT DISTINCT sae_id FROM sae_feature_stats WHERE run_id = ?", [run_id])
     for sae_id in saes["sae_id"]:
         feats = search.features_by_token(r, run_id, sae_id, text, exact)
         many = "the first " if len(feats) == search.LIMIT else ""
         st.caption(f"SAE {sae_id}: {many}{len(feats):,} features active on matching tokens.")
-        query = {"run": run_id, "sae": sae_id}
-        feats["open"] = [
-            "sae_features?" + urlencode(query | {"feature": int(f)}) for f in feats["feature"]
-        ]
+        feats["open"] = [links.feature(run_id, sae_id, f) for f in feats["feature"]]
         st.dataframe(feats, hide_index=True, width="stretch", column_config={"open": LINK})
 
 st.subheader("By firing frequency")
@@ -59,7 +64,7 @@ lo, hi = search.log10_bounds(lo_exp, hi_exp)
 rows = search.neurons_by_frequency(r, run_id, lo, hi, tuple(cats), layers)
 st.caption(f"{len(rows):,} neurons with f in [{lo:.1e}, {hi:.1e}] (f = 0 included at -10).")
 rows = rows.head(search.LIMIT)
-rows["open"] = [browser_link(run_id, x.layer, x.neuron) for x in rows.itertuples()]
+rows["open"] = [links.neuron(run_id, x.layer, x.neuron) for x in rows.itertuples()]
 st.dataframe(
     rows, hide_index=True, width="stretch",
     column_config={"open": LINK, "freq": st.column_config.NumberColumn(format="%.2e")},
