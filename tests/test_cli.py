@@ -62,6 +62,7 @@ def test_sql_refusals_exit_2_and_leave_store_unchanged(store_copy, query, needle
 def test_every_readme_query_runs_on_a_store(minilm_store):
     """The README's SQL runs in the sandbox; its first query equals numpy on the probe's rows."""
     from sparsescope.app.bench_store import README, readme_queries
+    from sparsescope.probes.mlp_stats import bin_bounds
     from sparsescope.store.console import run_sql
     from sparsescope.store.reader import Reader
 
@@ -73,6 +74,13 @@ def test_every_readme_query_runs_on_a_store(minilm_store):
     n_active = Reader(minilm_store).sql("SELECT layer, n_active FROM layer_token_stats")
     expected = n_active.groupby("layer")["n_active"].mean().to_numpy() / 1536
     np.testing.assert_allclose(ratio.sort_values("layer")["activation_ratio"], expected)
+    (density,) = [r for q, r in zip(queries, results, strict=True) if "FROM neuron_density" in q]
+    n_tokens = Reader(minilm_store).sql("SELECT count(*) FROM tokens").iloc[0, 0]
+    assert density["count"].sum() == n_tokens  # every token in one bin
+    assert (density["sample_values"].map(len) <= 2).all()
+    lower, upper = bin_bounds()
+    for b, values in zip(density["bin"], density["sample_values"], strict=True):
+        assert all(lower[b] <= v <= upper[b] for v in values), (b, values)
 
 
 def test_sql_row_and_time_limits(minilm_store):
