@@ -17,7 +17,7 @@ import pandas as pd
 
 from sparsescope.analysis.hash_codes import last_sample_seq
 from sparsescope.analysis.runs import tokens_around
-from sparsescope.probes.mlp_stats import NAN_BIN, WINDOW, bin_bounds, token_hash
+from sparsescope.probes.mlp_stats import NAN_BIN, WINDOW, bin_bounds, token_hash, token_key
 from sparsescope.store.reader import Reader
 
 NOT_RECORDED = "not recorded by this run (probe again)"
@@ -236,7 +236,7 @@ def interval_examples(
         return None
     of_bin = {b: row.interval for row in intervals.itertuples() for b in row.bins}
     samples["interval"] = samples["bin"].map(of_bin)
-    samples["hash"] = token_hash((samples["seq_id"].to_numpy() << 24) | samples["pos"].to_numpy())
+    samples["hash"] = token_hash(token_key(samples["seq_id"], samples["pos"]))
     picked = (
         samples.dropna(subset=["interval"])
         .sort_values(["interval", "hash"])

@@ -34,11 +34,12 @@ from sparsescope.probes.mlp_stats import (
     WINDOW,
     neuron_columns,
     token_hash,
+    token_key,
+    token_place,
     token_rows,
 )
 
 TOP_K = 20
-_POS_BITS = 24  # key = seq_id << 24 | pos identifies a token of the run
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _HEAP_GROWTH = 256 << 20  # heap growth (fragments) after which the free heap is trimmed
 
@@ -229,7 +230,7 @@ class MlpProbe:
         self._compute_pending()  # of the previous batch, whose token keys are still set
         self._seq = np.repeat(np.asarray(seq_ids, dtype=np.int64), seq_len)
         self._pos = np.tile(np.arange(seq_len, dtype=np.int32), len(seq_ids))
-        self._keys = (self._seq << _POS_BITS) | self._pos
+        self._keys = token_key(self._seq, self._pos)
         self._hashes, self._seq_len = token_hash(self._keys), seq_len
         self._order = np.argsort(self._hashes, kind="stable")
         mask = self.codes.token_mask(self._seq)
@@ -363,14 +364,14 @@ class MlpProbe:
             np.arange(self.n_layers), np.arange(self.d_mlp), np.arange(self.top_k), indexing="ij"
         )
         keep = (keys >= 0).ravel()
-        k = keys.ravel()[keep]
+        seq_id, pos = token_place(keys.ravel()[keep])
         return pa.table(
             {
                 "layer": layer.ravel()[keep].astype(np.int16),
                 "neuron": neuron.ravel()[keep].astype(np.int32),
                 "rank": rank.ravel()[keep].astype(np.int16),
-                "seq_id": k >> _POS_BITS,
-                "pos": (k & ((1 << _POS_BITS) - 1)).astype(np.int32),
+                "seq_id": seq_id,
+                "pos": pos,
                 "value": vals.ravel()[keep],
             }
         )
@@ -411,15 +412,16 @@ class MlpProbe:
 
     def neuron_samples(self) -> pa.Table:
         """Per neuron and bin, the kept tokens of smallest ``token_hash`` and their value."""
-        layer, neuron, bin_, _ = np.nonzero(self.sample_key >= 0)
-        k = self.sample_key[self.sample_key >= 0]
+        kept = self.sample_key >= 0
+        layer, neuron, bin_, _ = np.nonzero(kept)
+        seq_id, pos = token_place(self.sample_key[kept])
         return pa.table(
             {
                 "layer": layer.astype(np.int16),
                 "neuron": neuron.astype(np.int32),
                 "bin": bin_.astype(np.int16),
-                "seq_id": k >> _POS_BITS,
-                "pos": (k & ((1 << _POS_BITS) - 1)).astype(np.int32),
-                "value": self.sample_val[self.sample_key >= 0].astype(np.float32),
+                "seq_id": seq_id,
+                "pos": pos,
+                "value": self.sample_val[kept].astype(np.float32),
             }
         )

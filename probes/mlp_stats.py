@@ -53,8 +53,21 @@ def bin_bounds() -> tuple[np.ndarray, np.ndarray]:
     return lower, upper
 
 
+POS_BITS = 24  # a token's key, seq_id << POS_BITS | pos, identifies it within its run
+
+
+def token_key(seq_id, pos) -> np.ndarray:
+    """The key of each token (``seq_id``, ``pos``): ``seq_id << POS_BITS | pos``."""
+    return (np.asarray(seq_id, dtype=np.int64) << POS_BITS) | np.asarray(pos, dtype=np.int64)
+
+
+def token_place(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``token_key``'s inverse: seq_id (int64) and pos (int32) of each key."""
+    return keys >> POS_BITS, (keys & ((1 << POS_BITS) - 1)).astype(np.int32)
+
+
 def token_hash(keys: np.ndarray) -> np.ndarray:
-    """A 62-bit hash of each token key (``seq_id << 24 | pos``): the splitmix64 finaliser,
+    """A 62-bit hash of each ``token_key``: the splitmix64 finaliser,
     shifted right by 2 so that it stays below ``EMPTY_HASH`` as a non-negative int64."""
     z = np.asarray(keys).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
