@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -441,5 +444,28 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def console() -> NoReturn:
+    """``sparsescope`` as a program: ``main`` with two changes to the interpreter's garbage
+    collection, which after a model job cost a quarter of a short one (2.2 s of 7 s).
+
+    - The collector's first threshold is raised: importing the model libraries makes
+      millions of objects, and at the default thresholds the collections over them took
+      0.9 s of the imports.
+    - The exit runs the exit handlers (``atexit``: Ray, logging, thread pools, temporary
+      folders), flushes the output and ends the process, without the interpreter's
+      teardown: its final collection over those objects took 1.3 s.
+    """
+    gc.set_threshold(100_000, 50, 50)
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -19,6 +19,7 @@ import ast
 import functools
 import hashlib
 import json
+import os
 import re
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -51,12 +52,13 @@ class DataError(BadInput):
 
 @functools.cache
 def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """The standard library's ``.py`` files outside ``_SKIP_DIRS``, by relative path (a
+    walk that prunes those folders: a glob of every file first took a tenth of a job)."""
+    root = sysconfig.get_paths()["stdlib"]
     files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if not _SKIP_DIRS.intersection(rel.parts[:-1]):
-            files.append(path)
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _SKIP_DIRS]
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

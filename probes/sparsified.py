@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from sparsescope.kernels.sparsify import METHODS, SparseHandle, calibration_batches, sparsify
+from sparsescope.kernels.thresholds import METHODS
 from sparsescope.probes import data as data_sources
 from sparsescope.probes.data import Data
 from sparsescope.probes.models import LoadedModel
+
+if TYPE_CHECKING:
+    from sparsescope.kernels.sparsify import SparseHandle
 
 
 def parse_sparsify(spec: str) -> tuple[str, float]:
@@ -35,6 +39,8 @@ def sparsified(
     if spec is None:
         yield None
         return
+    from sparsescope.kernels.sparsify import calibration_batches, sparsify  # Triton: only here
+
     method, target = parse_sparsify(spec)
     calibration = calibration_batches(model.tokenizer, data, seq_len, batch_size)
     with sparsify(model, method, target, calibration) as handle:

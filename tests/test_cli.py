@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -254,3 +256,24 @@ def test_probe_txt_and_jsonl_files(tmp_path):
     assert all(r["status"] == "complete" and r["n_tokens"] > 5 for r in runs)
     gc = run_cli("store", "gc", "--store", str(store))
     assert gc.returncode == 0 and "0 dead run(s)" in gc.stdout
+
+
+def test_the_program_runs_exit_handlers_and_keeps_its_exit_code(tmp_path):
+    """``console`` skips the interpreter's teardown, not the exit handlers or the output."""
+    code = (
+        "import atexit, sys\n"
+        "from sparsescope.app import cli\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "print('before', end='')\n"  # unflushed output must still come out
+        f"sys.argv = ['sparsescope', 'runs', '--store', {str(tmp_path / 'none')!r}]\n"
+        "cli.console()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "beforehandler ran\n"
+    assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
+
+
+def test_a_dense_probe_job_does_not_load_triton():
+    code = "import sys, sparsescope.probes.job; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import sysconfig
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from sparsescope.probes.batches import batches, windows
-from sparsescope.probes.data import DataError, documents, stdlib_docs, validate
+from sparsescope.probes.data import (
+    _SKIP_DIRS,
+    DataError,
+    _stdlib_files,
+    documents,
+    stdlib_docs,
+    validate,
+)
 from sparsescope.probes.models import minilm_path
 
 
@@ -20,6 +29,13 @@ def test_stdlib_docs_is_deterministic_and_splits_are_disjoint():
     assert all(len(doc) >= 40 for doc in first)
     with pytest.raises(DataError, match="unknown split"):
         validate("stdlib-docs:test")
+
+
+def test_stdlib_files_are_every_py_file_outside_the_skipped_folders():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    kept = [p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
+    expected = sorted(kept, key=lambda p: p.relative_to(root).as_posix())
+    assert len(expected) > 100 and _stdlib_files() == expected
 
 
 def test_txt_documents_split_on_blank_lines(tmp_path):
