@@ -15,8 +15,8 @@ _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 
 
 def firing_source(post: Array, gate_pre: Array | None = None, computed_only: bool = False) -> Array:
-    """The array whose positive entries fire: the gate pre-activation of a gated MLP, else
-    the hidden activation itself.
+    """The array whose positive entries fire: the gate pre-activation of a gated MLP (or its
+    sign, ``gate_pre > 0``, as the MLP probe keeps it), else the hidden activation itself.
 
     ``computed_only`` (a sparsified model, METHODS.md §1/§7): a neuron fires only where the
     sparse MLP computes it. ``post`` is then the activation after the sparse mask, so a plain
