@@ -35,7 +35,9 @@ def redundancy_bars(summary: pd.DataFrame) -> go.Figure:
         hover_data=["n_codes", "n_unique", "n_constant_bits", "mean_bit_entropy"],
         labels={"redundancy": "redundancy ratio (N − #unique) / N"},
         title="Redundancy ratio per layer (all = whole-model code)",
+        text_auto=".3f",  # a bar of 0 (every code unique) still shows its value
     )
+    fig.update_traces(textposition="outside", cliponaxis=False)
     fig.update_layout(yaxis_rangemode="tozero")
     return _categorical_layers(fig, summary)
 
