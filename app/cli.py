@@ -364,6 +364,12 @@ def bench_probe_cmd(
     typer.echo(f"bare forward    : {r['bare_tok_s']:9.0f} tokens/s")
     typer.echo(f"probe (all, store): {r['probe_tok_s']:7.0f} tokens/s")
     typer.echo(f"ratio probe/bare : {r['ratio']:.3f}")
+    split = r["probe_split_s"]
+    typer.echo(
+        f"best probe run {r['probe_s']:.2f} s (bare {r['bare_s']:.2f} s): forward"
+        f" {split['forward']:.2f} s, statistics {split['statistics']:.2f} s, token rows and"
+        f" store {split['rest']:.2f} s (host clock)"
+    )
     typer.echo(f"peak RSS while probing: {r['peak_rss_mb']:.0f} MiB")
     typer.echo(
         f"stored per token: {sum(stored.values()):.0f} B/token ("

@@ -109,9 +109,10 @@ def bench_probe(
     report: Callable[[int, float, float], None] | None = None,
 ) -> dict:
     """Return tokens/s of both sides and their ratio (best of ``repeats`` each, interleaved;
-    ``report(i, bare_s, probe_s)`` after each repeat), the peak RSS while probing, bytes
-    stored per token (``PER_TOKEN_TABLES``) and per run (the other tables), and bytes moved
-    to the host per token."""
+    ``report(i, bare_s, probe_s)`` after each repeat); how the best probe run's time split
+    (``probe_split_s``: forward calls, statistics, and the rest: token rows, store writes,
+    commit); the peak RSS while probing; bytes stored per token (``PER_TOKEN_TABLES``) and per
+    run (the other tables); and bytes moved to the host per token."""
     config = config or ProbeConfig(max_tokens=tokens)
     config.max_tokens = tokens
     model = load_model(model_spec, config.device, config.dtype)
@@ -126,7 +127,7 @@ def bench_probe(
             )
         job = replace(config, sparsify=None)
         bare = None if config.sparsify else _bare_model(model)
-        bare_times, probe_times, peaks = [], [], []
+        bare_times, probe_times, peaks, splits = [], [], [], []
         for _ in range(repeats):  # interleaved, so that load from elsewhere hits both alike
             if bare is None:
                 bare_times.append(_bare_sparse(model, token_batches))
@@ -146,9 +147,11 @@ def bench_probe(
                     .iat[0, 0]
                 )
             peaks.append(rss["peak"])
+            splits.append(settings["seconds"])
             if report:
                 report(len(bare_times), bare_times[-1], probe_times[-1])
     best_bare, best_probe = min(bare_times), min(probe_times)
+    split = splits[probe_times.index(best_probe)]  # of the best probe run
     return {
         "model": model_spec,
         "device": str(model.device),
@@ -161,6 +164,9 @@ def bench_probe(
         "bare_tok_s": n / best_bare,
         "probe_tok_s": n / best_probe,
         "ratio": best_bare / best_probe,
+        "bare_s": best_bare,
+        "probe_s": best_probe,
+        "probe_split_s": {**split, "rest": best_probe - sum(split.values())},
         "peak_rss_mb": max(peaks) / 2**20,
         "stored_bytes_per_token": {t: b / n for t, b in stored.items() if t in PER_TOKEN_TABLES},
         "stored_bytes_per_run": {t: b for t, b in stored.items() if t not in PER_TOKEN_TABLES},

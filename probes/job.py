@@ -166,12 +166,17 @@ def probe_batch(
     names: TokenNames,
     write: Callable[[str, object], None],
     device: torch.device,
+    seconds: dict[str, float] | None = None,
 ) -> int:
-    """Run one batch inside ``probing``; write its token rows; returns its token count."""
+    """Run one batch inside ``probing``; write its token rows; returns its token count.
+    ``seconds["forward"]`` (if given) gains the wall time of the model's forward call."""
     ids = batch.input_ids
     for probe in probes:
         probe.start_batch(batch.seq_ids, ids.shape[1])
+    start = time.perf_counter()
     model.backbone()(input_ids=ids.to(device))
+    if seconds is not None:
+        seconds["forward"] += time.perf_counter() - start
     flat = ids.reshape(-1).numpy()
     write(
         "tokens",
@@ -207,7 +212,7 @@ def probe_model(
     """Probe a loaded model over validated data (see ``probe``); returns the run id."""
     probes, saes = make_probes(model, config)
     names = TokenNames(model.tokenizer)
-    n_tokens = 0
+    n_tokens, seconds = 0, {"forward": 0.0}
     with ExitStack() as stack:
         writer = stack.enter_context(
             RunWriter(
@@ -223,14 +228,16 @@ def probe_model(
         progress = stack.enter_context(_progress(config.max_tokens, quiet))
         task = progress.add_task("probe", total=config.max_tokens)
         for batch in model_batches(model, data, config):
-            size = probe_batch(model, probes, batch, names, writer.write, model.device)
+            size = probe_batch(model, probes, batch, names, writer.write, model.device, seconds)
             n_tokens += size
             progress.update(task, advance=size)
         if n_tokens == 0:
             raise data_sources.DataError(f"data {data_sources.label(data)!r} gave no tokens")
         write_final(probes, writer.write)
-        moved = {"host_bytes": probes[0].host_bytes}  # device -> host, by the MLP probe
-        settings = run_config(config, bool(saes), resolved_settings(model, config) | moved)
+        mlp = probes[0]
+        seconds["statistics"] = mlp.stats_seconds
+        measured = {"host_bytes": mlp.host_bytes, "seconds": seconds}
+        settings = run_config(config, bool(saes), resolved_settings(model, config) | measured)
         run_id = writer.commit(n_tokens, models=[model.info], config=settings)
     for path, probe in saes:
         register_sae(store, probe.sae_id, probe.sae, model.model_id, Path(path))

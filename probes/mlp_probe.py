@@ -16,6 +16,7 @@ each entry in ``neuron_top_window``), the activation density of every neuron ove
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -147,6 +148,7 @@ class MlpProbe:
         self.stats_device = torch.device(stats_device) if stats_device is not None else None
         self.n_tokens = 0
         self.host_bytes = 0  # bytes the device path moved to the host (0 on the host path)
+        self.stats_seconds = 0.0  # wall time of the host path's statistics
         if self.stats_device is None:
             _reuse_freed_memory()
             self._heap_at_trim = _heap_size()
@@ -251,6 +253,7 @@ class MlpProbe:
         at once on the thread pool, so that torch's threads (which spin a while after each op)
         no longer compete with them for the cores. Device path: the results computed in the
         hooks come to the host, one transfer per array."""
+        start = time.perf_counter()
         device_rows, self._device_rows = self._device_rows, []
         for layer, rows in device_rows:
             self.host_bytes += sum(t.nbytes for t in rows.values())
@@ -289,6 +292,7 @@ class MlpProbe:
             elif self._code_rows is not None:
                 out["packed"] = out["packed"][self._code_rows]
             self._add_rows(layer, **out)
+        self.stats_seconds += time.perf_counter() - start
 
     def _add_rows(self, layer: int, n_active, l1, max_abs, packed=None) -> None:
         layer_col = np.full(len(n_active), layer, dtype=np.int16)

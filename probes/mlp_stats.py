@@ -77,11 +77,13 @@ def token_hash(keys: np.ndarray) -> np.ndarray:
 
 @njit(inline="always")
 def _bin(bits):
-    """The density bin of a float32 given by its int32 ``bits``."""
-    mag = bits & 0x7FFFFFFF
-    step = (min(max((mag >> 22) - FIRST_CODE, 0), ZERO_BIN - 1) + 1) * (mag != 0)
-    b = ZERO_BIN + step - 2 * step * (bits < 0)
-    return NAN_BIN if mag > 0x7F800000 else b
+    """The density bin of a float32 given by its int32 ``bits`` (int32 arithmetic throughout,
+    so that the loop over a row vectorises at full width)."""
+    mag = bits & np.int32(0x7FFFFFFF)
+    code = (mag >> np.int32(22)) - np.int32(FIRST_CODE)
+    step = (min(max(code, np.int32(0)), np.int32(ZERO_BIN - 1)) + np.int32(1)) * np.int32(mag != 0)
+    b = np.int32(ZERO_BIN) + step - np.int32(2) * step * np.int32(bits < 0)
+    return np.int32(NAN_BIN) if mag > np.int32(0x7F800000) else b
 
 
 @njit(inline="always")
@@ -190,25 +192,27 @@ def _density(values, keys, hashes, order, lo, hi, density, sample_hash, sample_k
     The batch's count of (neuron j, bin b) is at cell ``j · N_BINS + b``."""
     m, n, s = hi - lo, values.shape[0], sample_hash.shape[2]
     counts = np.zeros(m * N_BINS, np.int32)
-    cells = np.empty(m, np.int64)
-    candidates = np.empty(m * N_BINS * s + 1, np.int64)  # hash-order row << 32 | cell
+    cells = np.empty(m, np.uint64)  # unsigned: indexing skips the negative-index fix-up
+    candidates = np.empty(m * N_BINS * s + 1, np.uint64)  # hash-order row << 32 | cell
     found = 0
     bits = values.view(np.int32)
     for i in range(n):
-        row_bits = bits[order[i], lo:hi]
+        row_bits, row = bits[order[i], lo:hi], np.uint64(i) << np.uint64(32)
         for j in range(m):
-            cells[j] = j * N_BINS + _bin(row_bits[j])
+            cells[j] = np.uint64(j * N_BINS + _bin(row_bits[j]))
         for j in range(m):
-            c = counts[cells[j]]
-            counts[cells[j]] = c + 1
-            candidates[found] = (i << 32) | cells[j]
+            cell = cells[j]
+            c = counts[cell]
+            counts[cell] = c + 1
+            candidates[found] = row | cell
             found += c < s
     largest = sample_hash[lo:hi, :, s - 1].copy().reshape(-1)  # per cell, contiguous
     for q in range(found):
-        cell, t = candidates[q] & 0xFFFFFFFF, order[candidates[q] >> 32]
+        cell = candidates[q] & np.uint64(0xFFFFFFFF)
+        t = order[candidates[q] >> np.uint64(32)]
         h = hashes[t]
         if h < largest[cell]:  # it enters; among equal hashes the earlier token stays first
-            j, b = cell // N_BINS, cell % N_BINS
+            j, b = np.int64(cell // N_BINS), np.int64(cell % N_BINS)
             slot_hash, slot_key, slot_val = (
                 sample_hash[lo + j, b],
                 sample_key[lo + j, b],
