@@ -148,7 +148,7 @@ class MlpProbe:
         self.stats_device = torch.device(stats_device) if stats_device is not None else None
         self.n_tokens = 0
         self.host_bytes = 0  # bytes the device path moved to the host (0 on the host path)
-        self.stats_seconds = 0.0  # wall time of the host path's statistics
+        self.stats_seconds = 0.0  # wall time of _compute_pending: host statistics, rows, transfers
         if self.stats_device is None:
             _reuse_freed_memory()
             self._heap_at_trim = _heap_size()
