@@ -10,7 +10,7 @@ The Python API, for notebooks (the CLI calls the same functions)::
     with ss.sparsify(model, "threshold", 0.5, calibration=["some text"]):
         ...                                  # the model runs sparse; dense again after
 
-The sub-packages live in the repository root's folders (app/, probes/, kernels/, store/,
+The sub-packages live in the repository root's folders (app/, probes/, sparse_kernels/, store/,
 analysis/) and are imported as ``sparsescope.<part>``; names here load on first use, so
 ``import sparsescope`` stays fast.
 """

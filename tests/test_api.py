@@ -182,3 +182,19 @@ def test_circuits_on_a_task_object(tmp_path, hf_llama):
         run = db.sql("SELECT run_id, config->>'task' AS task FROM runs").iloc[0]
         n = db.sql("SELECT count(*) FROM patching_scores").iloc[0, 0]
     assert (run["run_id"], run["task"]) == (report.run_id, "swap") and n == len(report.scores)
+
+
+def test_no_folder_of_the_repository_shadows_an_installed_module():
+    """The sub-packages' folders sit at the repository root, which is on ``sys.path`` for
+    ``python -m`` and notebooks started there: a folder named like a module that an installed
+    distribution provides (``kernels``, a transformers dependency) would be imported instead."""
+    from importlib.metadata import packages_distributions
+
+    root = README.parent
+    folders = {p.parent.name for p in root.glob("*/__init__.py")} - {"sparsescope"}
+    assert {"probes", "store", "app", "sparse_kernels"} <= folders
+    installed = packages_distributions()
+    assert {f: installed[f] for f in folders if f in installed} == {}
+    probe = "import transformers.integrations.hub_kernels, transformer_lens.model_bridge"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
