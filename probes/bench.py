@@ -2,9 +2,11 @@
 
 Both sides run in one process on the same token batches; the bare side is the plain
 Hugging Face ``AutoModel`` forward of the same checkpoint (for ``synthetic:`` specs, the
-same random weights) with no hooks, which is what a user would otherwise run. With
-``--sparsify`` the model is sparsified once (calibration outside both timings) and the bare
-side is its own forward with no probe attached: the ratio is "probed sparse / bare sparse".
+same random weights) with no hooks, which is what a user would otherwise run; it reuses host
+memory between batches as a probe job does (``host_memory``), so the ratio is the probe's
+cost alone. With ``--sparsify`` the model is sparsified once (calibration outside both
+timings) and the bare side is its own forward with no probe attached: the ratio is "probed
+sparse / bare sparse".
 Model loading is excluded from both. Besides the ratio it reports what a probe costs in
 memory and bytes: peak RSS while probing, bytes stored per token by the tables that grow
 with the run, bytes of the tables that hold a fixed amount per run (per-neuron statistics and
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sparsescope.probes import data as data_sources
+from sparsescope.probes import host_memory
 from sparsescope.probes.batches import batches
 from sparsescope.probes.job import ProbeConfig, probe_model, seq_len_of
 from sparsescope.probes.models import LoadedModel, load_model
@@ -76,7 +79,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_forwards(forward, token_batches: list, device: torch.device) -> float:
-    with torch.inference_mode():
+    with torch.inference_mode(), host_memory.reused_memory():  # as in the probe job
         forward(input_ids=token_batches[0].input_ids[:1].to(device))  # warm-up
         _sync(device)
         start = time.perf_counter()

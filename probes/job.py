@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sparsescope.probes import data as data_sources
+from sparsescope.probes import host_memory
 from sparsescope.probes.batches import Batch, batches
 from sparsescope.probes.codes import CodePolicy, parse_codes
 from sparsescope.probes.hooks import hook_widths, hooked
@@ -29,6 +31,7 @@ from sparsescope.probes.models import (
 from sparsescope.probes.sae import SaeError, load_sae, model_name_matches, register_sae, sae_id_of
 from sparsescope.probes.sae_probe import SaeProbe
 from sparsescope.probes.sparsified import parse_sparsify, sparsified
+from sparsescope.store.errors import BadInput
 from sparsescope.store.writer import RunWriter
 
 
@@ -139,8 +142,10 @@ def seq_len_of(model: LoadedModel, config: ProbeConfig) -> int:
 
 @contextmanager
 def probing(model: LoadedModel, probes: list, data: str, config: ProbeConfig) -> Iterator[None]:
-    """Sparsify the model if asked, attach the probes' hooks and set up fast inference."""
+    """Sparsify the model if asked, attach the probes' hooks and set up fast inference
+    (with host memory reused from batch to batch)."""
     with ExitStack() as stack:
+        stack.enter_context(host_memory.reused_memory())
         # sparsify first: its calibration passes must not reach the probes' hooks
         stack.enter_context(
             sparsified(model, config.sparsify, data, seq_len_of(model, config), config.batch_size)
@@ -244,8 +249,23 @@ def probe_model(
     return run_id
 
 
+_LEAST = {"max_tokens": 1, "seq_len": 2, "batch_size": 1, "top_k": 1}  # as the CLI's bounds
+
+
+def _check_sizes(config: ProbeConfig) -> None:
+    for name, least in _LEAST.items():
+        value = getattr(config, name)
+        if name == "max_tokens" and value is None:  # no limit
+            continue
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+            raise BadInput(f"{name} must be an integer of at least {least}, not {value!r}")
+    if not isinstance(config.saes, list | tuple):
+        raise BadInput(f"saes must be a list of SAE folders, not {config.saes!r}")
+
+
 def check_job(data: data_sources.Data, config: ProbeConfig) -> None:
     """Validate the data and options of a job before any work starts."""
+    _check_sizes(config)
     data_sources.validate(data)
     if config.sparsify:
         parse_sparsify(config.sparsify)

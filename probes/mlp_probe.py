@@ -15,7 +15,6 @@ each entry in ``neuron_top_window``), the activation density of every neuron ove
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sparsescope.probes import device_stats
+from sparsescope.probes import device_stats, host_memory
 from sparsescope.probes.activity import code64, firing_source
 from sparsescope.probes.codes import CodePolicy
 from sparsescope.probes.mlp_stats import (
@@ -41,8 +40,6 @@ from sparsescope.probes.mlp_stats import (
 )
 
 TOP_K = 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_HEAP_GROWTH = 256 << 20  # heap growth (fragments) after which the free heap is trimmed
 
 
 def hook_names(layer: int, gated: bool) -> tuple[str, str | None]:
@@ -66,54 +63,6 @@ def _ranges(n: int) -> list[tuple[int, int]]:
     """``range(n)`` cut into one (lo, hi) range per statistics thread."""
     edges = np.linspace(0, n, _threads() + 1).astype(int).tolist()
     return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-@cache
-def _reuse_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse rather than hand it back to the system.
-
-    The probe holds every layer's activations until the batch's forward ends. Freed
-    together, glibc would return them (trim or munmap) and fault the pages in again the
-    next batch: that costs a tenth of a MiniLM forward. Blocks under 32 MiB now come from
-    the heap, and up to 1 GiB of free heap is kept. Nothing happens off glibc."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                     "uordblks", "fordblks", "keepcost")
-    ]  # fmt: skip
-
-
-@cache
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _heap_size() -> int:
-    libc = _libc()
-    return libc.mallinfo2().arena if libc is not None else 0
-
-
-def _trim_heap() -> None:
-    """Give the free heap back to the system (glibc ``malloc_trim``).
-
-    Kept freed memory is reused by the next batch's activations, but fragments that no
-    request fits pile up: without trims the heap grew by ~5 kB per probed token (MiniLM),
-    so memory grew with the run's length instead of staying bounded by the batch."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _host(tensor: torch.Tensor, d: int) -> np.ndarray:
@@ -150,8 +99,7 @@ class MlpProbe:
         self.host_bytes = 0  # bytes the device path moved to the host (0 on the host path)
         self.stats_seconds = 0.0  # wall time of _compute_pending: host statistics, rows, transfers
         if self.stats_device is None:
-            _reuse_freed_memory()
-            self._heap_at_trim = _heap_size()
+            self._heap_at_trim: int | None = None  # set after the first batch
             shape = (n_layers, d_mlp)
             self.n_active = np.zeros(shape, dtype=np.int64)
             self.sum = np.zeros(shape, dtype=np.float64)
@@ -283,9 +231,8 @@ class MlpProbe:
             outputs.append((layer, out))
         for task in tasks:
             task.result()
-        if pending and _heap_size() > self._heap_at_trim + _HEAP_GROWTH:
-            _trim_heap()
-            self._heap_at_trim = _heap_size()
+        if pending:
+            self._heap_at_trim = host_memory.trim_on_growth(self._heap_at_trim)
         for layer, out in outputs:
             if not self.codes.keeps_layer(layer):
                 del out["packed"]

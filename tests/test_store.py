@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -33,6 +34,19 @@ def test_run_invisible_until_commit_then_complete(tmp_path):
     assert reader.sql("SELECT d_mlp FROM models")["d_mlp"].tolist() == [4]
     assert not (root / "staging" / run_id).exists()
     assert (root / "data" / "tokens" / f"run_id={run_id}").is_dir()
+
+
+def test_buffered_rows_hold_none_of_the_callers_arrays(tmp_path):
+    """Arrow would wrap numpy columns in place: the writer buffers a copy, so a caller that
+    reuses its arrays before the flush (and the host heap those arrays pin) is not held."""
+    root = tmp_path / "s"
+    ids, pos = np.array([0, 0, 1]), np.array([0, 1, 0], dtype=np.int32)
+    writer = RunWriter(root, "probe", "m", "d", {})
+    writer.write("tokens", {**TOKENS, "seq_id": ids, "pos": pos})
+    ids[:], pos[:] = 5, 9  # before the rows reach a file
+    writer.commit(3)
+    rows = Reader(root).sql("SELECT seq_id, pos FROM tokens ORDER BY seq_id, pos")
+    assert rows.values.tolist() == [[0, 0], [0, 1], [1, 0]]
 
 
 def test_every_table_has_a_typed_view_even_when_empty(tmp_path):
