@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import typer
 from sparsescope.app.circuits_cli import circuits
 from sparsescope.app.experiment_cli import experiment_app
 from sparsescope.app.kernels_cli import bench_kernels, sparsify_eval
-from sparsescope.app.output import FORMATS, emit, frame
+from sparsescope.app.output import FORMATS, emit, frame, printable
 from sparsescope.app.sae_cli import sae_app
 from sparsescope.app.zoo_cli import zoo_app
 
@@ -57,8 +58,8 @@ def probe(
     model: str = typer.Option(
         ...,
         "--model",
-        help="minilm, zoo:<name>[@step|@all], a folder, series:GLOB[@step] (checkpoint"
-        " folders) or org/name[@REV[,REV...]].",
+        help="minilm, zoo:<name>\\[@step|@all], a folder, series:GLOB\\[@step] (checkpoint"
+        " folders) or org/name\\[@REV[,REV...]].",  # \\[: a bracket, not rich markup
     ),
     data: str = typer.Option(
         "stdlib-docs",
@@ -128,7 +129,7 @@ def probe(
         try:
             run_ids = run_probe_ray(model, data, store, config, name, False, ray_address, workers)
         except EngineError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {printable(str(err))}", err=True)
             raise typer.Exit(1) from None
     for run_id in run_ids:
         print(run_id)
@@ -179,8 +180,13 @@ HostOpt = typer.Option(
 
 def _launch_dashboard(store: Path, port: int, host: str) -> None:
     from sparsescope.store.catalog import check_store
+    from sparsescope.store.errors import BadInput
 
     check_store(store)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as err:
+        raise BadInput(f"--host {host!r} is not an address to listen on: {err}") from None
     script = Path(__file__).with_name("dashboard.py")
     env = {**os.environ, "SPARSESCOPE_STORE": str(store.resolve())}
     cmd = [
@@ -266,7 +272,7 @@ def _has_run(store: Path, kind: str, model_like: str | None, n_tokens: int = 0) 
 def laws(
     store: Path = StoreOpt,
     preset: str = typer.Option(
-        None, "--preset", help="Zoo preset (trained if missing) [default: tiny]."
+        None, "--preset", help="Zoo preset (trained if missing) (default: tiny)."
     ),
     model: str = typer.Option(
         None,
@@ -393,7 +399,7 @@ def bench_store_cmd(
     ),
     repeats: int = typer.Option(5, "--repeats", min=2, help="Renders and runs per item."),
     store: Path = typer.Option(
-        None, "--store", help="Keep the store here (reused when it exists) [default: temporary]."
+        None, "--store", help="Keep the store here (reused when it exists) (default: temporary)."
     ),
     json_out: Path = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
@@ -437,7 +443,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except (BadInput, OSError) as err:  # every command's bad input, in one place
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {printable(str(err))}", err=True)
         code = 2
     except typer.Abort:
         typer.echo("aborted", err=True)
@@ -445,7 +451,7 @@ def main() -> None:
     except typer.TyperException as err:  # click's usage errors
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         if message.strip():  # empty when the help was shown for a bare command group
-            typer.echo(f"error: {message}", err=True)
+            typer.echo(f"error: {printable(message)}", err=True)
         code = getattr(err, "exit_code", 2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sparsescope.app.output import printable
 from sparsescope.store.catalog import check_writable
 from sparsescope.store.errors import StoreError
 
@@ -55,7 +56,7 @@ def hash_encoder(
     try:
         check_writable(store)
     except StoreError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {printable(str(err))}", err=True)
         raise typer.Exit(2) from None
     grid = QUICK if quick else FULL
     rows: list[dict] = []
@@ -75,7 +76,7 @@ def hash_encoder(
         try:
             run_id = run_experiment(store, grid, seed, on_point)
         except StoreError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {printable(str(err))}", err=True)
             raise typer.Exit(2) from None
     Console().print(_table(rows))
     print(run_id)

@@ -1,7 +1,8 @@
 """Printing tables on the command line: rich table, CSV or JSON; and Arrow results as
 DataFrames whatever their column types; token strings made readable (``readable_token``).
 
-User-controlled text (cells, column names, titles) is never read as rich markup."""
+User-controlled text (cells, column names, titles, error messages) is never read as rich markup,
+and a table or an error shows its control characters escaped (``printable``)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def plain(value):
     return str(value)  # decimals, UUIDs, intervals, ...
 
 
+def printable(text: str) -> str:
+    """``text`` with each unprintable character (newline, escape, ...) written as its Python
+    escape (``\\n``, ``\\x1b``): it stays on one line and cannot restyle the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def cell_text(value) -> str:
     """A printable cell (no markup)."""
     value = plain(value)
@@ -77,11 +84,11 @@ def emit(df: pd.DataFrame, fmt: str = "table", title: str | None = None) -> None
         records = [dict(zip(names, map(plain, row), strict=True)) for row in df.itertuples(False)]
         print(json.dumps(records, indent=2, ensure_ascii=False))
     else:
-        table = Table(title=Text(title) if title else None, show_lines=False)
+        table = Table(title=Text(printable(title)) if title else None, show_lines=False)
         for col in names:
-            table.add_column(Text(col), overflow="fold")
+            table.add_column(Text(printable(col)), overflow="fold")
         for row in df.itertuples(index=False):
-            table.add_row(*(Text(cell_text(v)) for v in row))
+            table.add_row(*(Text(printable(cell_text(v))) for v in row))
         wide_console().print(table)
 
 

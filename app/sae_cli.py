@@ -19,7 +19,7 @@ def _fail(err: Exception, code: int = 2) -> typer.Exit:
 
 @sae_app.command()
 def train(
-    model: Annotated[str, typer.Option(help="minilm, zoo:<name>[@step], a folder or org/name.")],
+    model: Annotated[str, typer.Option(help="minilm, zoo:<name>\\[@step], a folder or org/name.")],
     hook: Annotated[str, typer.Option(help="Hook name, e.g. blocks.1.hook_resid_post.")],
     store: Annotated[Path, typer.Option(help="Store folder (the SAE is registered there).")],
     data: Annotated[str, typer.Option(help="stdlib-docs[:heldout], a .txt or .jsonl.")] = (
@@ -32,7 +32,7 @@ def train(
     beta: Annotated[float, typer.Option(help="g-SAE gradient weight β.")] = 1.0,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     out: Annotated[
-        Path | None, typer.Option(help="SAE folder [default: <store>/saes/<sae_id>].")
+        Path | None, typer.Option(help="SAE folder (default: <store>/saes/<sae_id>).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,

@@ -17,7 +17,7 @@ zoo_app = typer.Typer(
 )
 
 Preset = Annotated[str, typer.Option(help="Zoo preset: tiny, small, micro or ioi.")]
-Out = Annotated[Path | None, typer.Option(help="Zoo folder [default: $SPARSESCOPE_ZOO/<preset>].")]
+Out = Annotated[Path | None, typer.Option(help="Zoo folder (default: $SPARSESCOPE_ZOO/<preset>).")]
 
 
 class Format(str, Enum):

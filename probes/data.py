@@ -227,6 +227,8 @@ def validate(spec: Data) -> None:
     kinds = "stdlib-docs, a .txt, .jsonl or .parquet file, or a `datasets` folder"
     if not path.exists():
         raise DataError(f"data {spec!r} not found: give {kinds}")
+    if not (path.is_file() or path.is_dir()):  # a device or a pipe may never end
+        raise DataError(f"data {spec!r} is not a regular file or a folder: give {kinds}")
     if path.is_file() and path.suffix not in (".txt", ".jsonl", ".parquet"):
         raise DataError(f"data {spec!r}: unsupported file type; give {kinds}")
     try:

@@ -9,6 +9,7 @@ meets another process's lock waits and retries.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,8 +25,8 @@ LOCK_TIMEOUT_S = 60.0
 
 
 def _is_lock_error(err: duckdb.Error) -> bool:
-    text = str(err).lower()
-    return "lock" in text or "conflicting" in text
+    """Another process holds the catalog (not, say, a corrupt "block" of it)."""
+    return re.search(r"\block\b", str(err), re.IGNORECASE) is not None
 
 
 @contextmanager

@@ -23,7 +23,6 @@ import duckdb
 import pyarrow as pa
 
 from sparsescope.store.errors import BadInput, StoreError
-from sparsescope.store.globs import glob_literal, sql_string
 
 ROW_LIMIT = 10_000
 TIME_LIMIT_S = 30
@@ -65,12 +64,12 @@ def check_statement(query: str) -> None:
         raise SqlRefused(f"only SELECT queries are allowed (got {first})")
 
 
-def sandbox(con: duckdb.DuckDBPyConnection, data_dir: Path, memory_bytes: int) -> None:
-    """Lock a connection down for untrusted queries (irreversible)."""
+def sandbox(con: duckdb.DuckDBPyConnection, memory_bytes: int) -> None:
+    """Lock a connection down for untrusted queries (irreversible): files under ``data/`` of
+    the working directory only. A relative name, so that no glob escape of the store's path
+    (``st[[]1[]]`` for ``st[1]``) is allowed, which would also name a real sibling folder."""
     con.execute("SET temp_directory = ''")  # else allowed_directories holds ./.tmp too
-    folders = {str(data_dir) + "/", glob_literal(data_dir) + "/"}  # the views use the latter
-    allowed = ", ".join(sql_string(f) for f in sorted(folders))
-    con.execute(f"SET allowed_directories = [{allowed}]")
+    con.execute("SET allowed_directories = ['data/']")
     con.execute(f"SET memory_limit = '{max(1, memory_bytes // 2 >> 20)}MB'")
     con.execute("SET enable_progress_bar = false")
     con.execute("SET enable_external_access = false")
@@ -91,10 +90,12 @@ def _serve() -> None:
     memory = request["memory_bytes"]
     try:
         resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+        from sparsescope.store.catalog import find_store
         from sparsescope.store.reader import Reader
 
-        reader = Reader(request["root"])
-        sandbox(reader.con, reader.data_dir, memory)
+        os.chdir(find_store(Path(request["root"])))  # the views read data/ from here, the
+        reader = Reader(".", relative_views=True)  # one folder allowed, whatever the path holds
+        sandbox(reader.con, memory)
         out.write(b"ready\n")  # the time limit starts now
         out.flush()
         limit = request["row_limit"] + 1

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sparsescope.store import catalog
+from sparsescope.store.errors import StoreError
 from sparsescope.store.globs import glob_literal, sql_string
 from sparsescope.store.schema import CATALOG_DDL, DATA_TABLES
 
@@ -25,11 +26,16 @@ _VANISHED = ("Cannot open file", "No files found", "No such file")
 
 
 class Reader:
-    """Read-only SQL over a store: ``reader.sql("SELECT ...")`` returns a DataFrame."""
+    """SQL over a store: ``reader.sql("SELECT ...")`` returns a DataFrame. The store's files
+    are never written, but a query runs with your rights (it may read or write other files):
+    untrusted SQL goes through the sandboxed console, ``store.console.run_sql``."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, relative_views: bool = False):
+        """``relative_views``: the views read ``data/...`` from the working directory, which
+        must be the store's root (the SQL console's sandbox allows that folder alone)."""
         self.root = catalog.find_store(Path(root)).resolve()
         self.data_dir = self.root / "data"
+        self._view_dir = Path("data") if relative_views else self.data_dir
         self.con = duckdb.connect()
         self._catalog_mtime: float | None = None
         self.refresh()
@@ -58,7 +64,7 @@ class Reader:
         complete = "SELECT run_id FROM runs WHERE status = 'complete'"
         if any(folder.glob("run_id=*/*.parquet")):
             source = (
-                f"read_parquet({sql_string(glob_literal(folder) + '/*/*.parquet')},"
+                f"read_parquet({sql_string(glob_literal(self._view_dir / table) + '/*/*.parquet')},"
                 " hive_partitioning = true,"
                 " hive_types = {'run_id': 'VARCHAR'}, union_by_name = true)"
             )
@@ -73,9 +79,15 @@ class Reader:
             self.con.execute(f"CREATE OR REPLACE TABLE _empty_{table} AS SELECT * FROM _empty")
             self.con.unregister("_empty")
             source = f"_empty_{table}"
-        self.con.execute(
-            f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} WHERE run_id IN ({complete})"
-        )
+        try:  # binding the view reads every shard's footer
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source}"
+                f" WHERE run_id IN ({complete})"
+            )
+        except duckdb.Error as err:
+            first = str(err).strip().splitlines()[0]
+            message = f"a Parquet file of {table} in {self.root} is damaged: {first}"
+            raise StoreError(message) from None
 
     def run(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """``fn(cursor)``, run once more on fresh views if a file vanished under it: the

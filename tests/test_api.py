@@ -126,6 +126,16 @@ def test_bad_python_input_is_one_clear_error(tmp_path, hf_llama):
         ss.probe(model, TEXTS, tmp_path / "s", tokenizer=tokenizer, max_tokenz=5)
     with pytest.raises(ss.BadInput, match="stays where it is"):
         ss.probe(model, TEXTS, tmp_path / "s", tokenizer=tokenizer, device="cpu")
+    bad_options = [{"top_k": 0}, {"top_k": -1}, {"batch_size": 0}, {"seq_len": 1},
+                   {"max_tokens": -1}, {"max_tokens": 1.5}, {"max_tokens": "16"},
+                   {"saes": "folder"}]  # fmt: skip
+    for options in bad_options:  # top_k=0 once wrote past an array's end and aborted Python
+        (name,) = options
+        with pytest.raises(ss.BadInput, match=name):
+            ss.probe(model, TEXTS, tmp_path / "s", tokenizer=tokenizer, **options)
+    for name in (5, "a\nb", "red\x1b[31m"):
+        with pytest.raises(ss.BadInput, match="name"):
+            ss.probe(model, TEXTS, tmp_path / "s", tokenizer=tokenizer, name=name, max_tokens=8)
     assert not (tmp_path / "s").exists()
 
 

@@ -277,3 +277,27 @@ def test_a_dense_probe_job_does_not_load_triton():
     code = "import sys, sparsescope.probes.job; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_help_texts_survive_rich_markup():
+    """Typer renders help through rich, which drops ``[...]`` it reads as markup tags
+    (a "[default: tiny]" vanished from ``laws --help``): every help text prints as written,
+    with ``\\[`` for a literal bracket where rich would see a tag."""
+    import click
+    import typer
+    from rich.text import Text
+
+    from sparsescope.app.cli import app
+
+    def commands(cmd: click.Command, path: str):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}")
+
+    seen = 0
+    for path, cmd in commands(typer.main.get_command(app), "sparsescope"):
+        for text in [cmd.help] + [getattr(p, "help", None) for p in cmd.params]:
+            if text:
+                seen += 1
+                assert Text.from_markup(text).plain == text.replace("\\[", "["), f"{path}: {text!r}"
+    assert seen > 50

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sysconfig
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def test_unsupported_file_type(tmp_path):
     path.write_text("x")
     with pytest.raises(DataError, match="unsupported"):
         validate(str(path))
+
+
+def test_a_device_or_a_pipe_is_refused_before_it_is_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would wait for a writer forever
+    for spec in ("/dev/zero", str(tmp_path / "pipe.txt")):
+        with pytest.raises(DataError, match="not a regular file"):
+            validate(spec)
 
 
 def test_windows_pack_documents_and_respect_max_tokens():

@@ -95,6 +95,21 @@ def test_store_paths_with_glob_characters(minilm_store, tmp_path, name):
     assert json.loads(out.stdout)[0]["n"] > 0
 
 
+def test_the_glob_escape_of_a_store_path_opens_no_other_folder(minilm_store, tmp_path):
+    """``st[1]``'s views escape it as ``st[[]1[]]``, which is also a real folder's name:
+    the console must not read that folder's files."""
+    root, sibling = tmp_path / "st[1]", tmp_path / "st[[]1[]]" / "data"
+    shutil.copytree(minilm_store, root)
+    sibling.mkdir(parents=True)
+    (sibling / "secret.txt").write_text(SECRET)
+    assert run_sql(root, "SELECT count(*) AS n FROM tokens").table["n"][0].as_py() > 0
+    for query in (f"SELECT * FROM read_text('{sibling}/secret.txt')",
+                  f"SELECT * FROM read_text('{root}/data/../../st[[]1[]]/data/secret.txt')",
+                  "SELECT * FROM read_text('data/../../st[[]1[]]/data/secret.txt')"):  # fmt: skip
+        with pytest.raises(SqlRefused):
+            run_sql(root, query)
+
+
 def test_a_store_path_with_a_question_mark_is_refused(tmp_path):
     out = run_cli("probe", "--model", "minilm", "--store", str(tmp_path / "s?x"))
     _one_line(out)
@@ -296,3 +311,46 @@ def test_fuzz_cli_store_and_format_options(tmp_path_factory, store, fmt, command
     out = run_cli(*args, cwd=cwd)
     assert out.returncode in (0, 2) and "Traceback" not in out.stderr, out.stderr
     assert list(cwd.iterdir()) == []  # a refused command creates nothing
+
+
+def test_a_corrupt_catalog_is_an_error_at_once_not_a_lock_wait(tmp_path, monkeypatch):
+    """DuckDB's checksum error names a "block": that is no lock to wait for."""
+    from sparsescope.store import catalog
+
+    root = catalog.init_store(tmp_path / "s")
+    path = root / catalog.CATALOG
+    data = bytearray(path.read_bytes())
+    data[12288 + 64 : 12288 + 4096] = os.urandom(4096 - 64)  # the first block after the headers
+    path.write_bytes(bytes(data))
+
+    def no_wait(seconds):
+        raise AssertionError("waited as for a lock")
+
+    monkeypatch.setattr(catalog.time, "sleep", no_wait)
+    with pytest.raises(StoreError, match="Corrupt"):
+        Reader(root)
+
+
+def test_a_damaged_parquet_file_is_one_line(store_copy):
+    part = next((store_copy / "data" / "tokens").glob("run_id=*/*.parquet"))
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    before = fingerprint(store_copy)
+    for args in (["runs"], ["sae", "list"]):
+        out = run_cli(*args, "--store", str(store_copy))
+        _one_line(out)
+        assert "tokens" in out.stderr and "damaged" in out.stderr
+    assert fingerprint(store_copy) == before
+
+
+def test_control_characters_reach_the_terminal_escaped(minilm_store, tmp_path):
+    out = run_cli("sql", "--store", str(minilm_store), "SELECT chr(27) || '[31mX' AS s")
+    assert out.returncode == 0 and "\x1b" not in out.stdout and "\\x1b[31mX" in out.stdout
+    out = run_cli("runs", "--store", str(tmp_path / "zz\nb"))  # the path in the error
+    _one_line(out)
+    assert "zz\\nb" in out.stderr
+
+
+def test_a_host_that_is_no_address_is_one_line(minilm_store):
+    out = run_cli("app", "--store", str(minilm_store), "--host", "bad host;rm", timeout=60)
+    _one_line(out)
+    assert "--host" in out.stderr
