@@ -98,7 +98,9 @@ def test_retries_exhausted_abort_the_run(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv(ray_engine.CRASH_ENV, "1:0")
     config = ProbeConfig(max_tokens=1024, seq_len=64, batch_size=8)
     with pytest.raises(EngineError, match="shard 1 failed 1 times, run aborted"):
-        run_probe_ray("minilm", "stdlib-docs", tmp_path, config, True, workers=2, max_attempts=1)
+        run_probe_ray(
+            "minilm", "stdlib-docs", tmp_path, config, quiet=True, workers=2, max_attempts=1
+        )
     reader = Reader(tmp_path)
     assert reader.sql("SELECT status FROM runs")["status"].tolist() == ["failed"]
     for table in KEYS:
