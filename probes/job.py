@@ -31,6 +31,7 @@ from sparsescope.probes.models import (
 from sparsescope.probes.sae import SaeError, load_sae, model_name_matches, register_sae, sae_id_of
 from sparsescope.probes.sae_probe import SaeProbe
 from sparsescope.probes.sparsified import parse_sparsify, sparsified
+from sparsescope.store.catalog import store_path
 from sparsescope.store.errors import BadInput
 from sparsescope.store.writer import RunWriter
 
@@ -302,11 +303,12 @@ def probe(
     if unknown := sorted(set(options) - known):
         raise TypeError(f"unknown probe option(s) {unknown}: use {sorted(known)}")
     config = replace(config or ProbeConfig(), **options)
+    store = store_path(store)
     check_job(data, config)
     if isinstance(model, str) and expand(model) != [model]:
         raise ModelError(f"{model!r} names several checkpoints: probe them one by one")
     loaded = load_model(model, config.device, config.dtype, tokenizer)
-    return probe_model(loaded, data, Path(store), config, name, quiet)
+    return probe_model(loaded, data, store, config, name, quiet)
 
 
 def run_probe(

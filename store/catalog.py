@@ -8,6 +8,7 @@ meets another process's lock waits and retries.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -87,6 +88,13 @@ def migrate(con: duckdb.DuckDBPyConnection, root: Path) -> int:
 
 def is_store(root: Path) -> bool:
     return (Path(root) / CATALOG).is_file()
+
+
+def store_path(root: object) -> Path:
+    """``root`` as a Path; a one-line StoreError when it is no path (``None``, a number)."""
+    if not isinstance(root, str | os.PathLike):
+        raise StoreError(f"a store is a folder path, not {root!r}")
+    return Path(root)
 
 
 def find_store(root: Path) -> Path:

@@ -50,7 +50,10 @@ def collect(root: Path) -> dict:
     removed = 0
     for folder in list(staging.iterdir()) if staging.exists() else []:
         if not is_live(folder):
-            shutil.rmtree(folder, ignore_errors=True)
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:  # a stray file or link
+                folder.unlink(missing_ok=True)
             removed += 1
     for part in (root / "data").glob("*/run_id=*"):
         run_id = part.name.removeprefix("run_id=")

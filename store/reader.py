@@ -126,4 +126,4 @@ class Reader:
 def open_store(root: Path | str) -> Reader:
     """Open a store for reading: ``open_store(p).sql(q)`` gives a DataFrame, ``.arrow(q)`` an
     Arrow table; complete runs only."""
-    return Reader(root)
+    return Reader(catalog.store_path(root))

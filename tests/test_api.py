@@ -136,6 +136,11 @@ def test_bad_python_input_is_one_clear_error(tmp_path, hf_llama):
     for name in (5, "a\nb", "red\x1b[31m"):
         with pytest.raises(ss.BadInput, match="name"):
             ss.probe(model, TEXTS, tmp_path / "s", tokenizer=tokenizer, name=name, max_tokens=8)
+    for store in (None, 5):
+        with pytest.raises(ss.BadInput, match="folder path"):
+            ss.probe(model, TEXTS, store, tokenizer=tokenizer, max_tokens=8)
+        with pytest.raises(ss.BadInput, match="folder path"):
+            ss.open_store(store)
     assert not (tmp_path / "s").exists()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -120,6 +122,15 @@ def test_gc_cleans_a_dead_run_but_not_a_live_one(tmp_path):
     status = dict(Reader(root).sql("SELECT run_id, status FROM runs").values.tolist())
     assert status == {dead.run_id: "failed", live.run_id: "running"}
     live.commit(0)
+
+
+def test_gc_removes_a_stray_file_that_it_counts(tmp_path):
+    root = catalog.init_store(tmp_path / "s")
+    stray = root / "staging" / "notes.txt"
+    stray.write_text("left by hand")
+    os.utime(stray, (0, 0))  # older than the grace a starting writer gets
+    assert collect(root) == {"failed_runs": [], "removed_folders": 1}
+    assert not stray.exists()
 
 
 def test_not_a_store_is_refused(tmp_path):
