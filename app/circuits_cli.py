@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sparsescope.app.output import printable
+from sparsescope.app.output import echo_error
 
 IOI_MODEL = "zoo:gelu-l3-d128"  # the zoo's ioi preset
 
@@ -67,7 +67,7 @@ def circuits(
         report = score_circuits(loaded, data, store, ah_rule, config)
         run_id = report.run_id
     except (ModelError, ZooError, TaskError, StoreError) as err:
-        typer.echo(f"error: {printable(str(err))}", err=True)
+        echo_error(err)
         raise typer.Exit(2) from None
     typer.echo(f"LD clean {report.ld[0]:.3f}, corrupted {report.ld[1]:.3f}")
     typer.echo("Pearson r against activation patching:")

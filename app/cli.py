@@ -16,7 +16,7 @@ import typer
 from sparsescope.app.circuits_cli import circuits
 from sparsescope.app.experiment_cli import experiment_app
 from sparsescope.app.kernels_cli import bench_kernels, sparsify_eval
-from sparsescope.app.output import FORMATS, emit, frame, printable
+from sparsescope.app.output import FORMATS, echo_error, emit, frame
 from sparsescope.app.sae_cli import sae_app
 from sparsescope.app.zoo_cli import zoo_app
 
@@ -49,7 +49,7 @@ FormatOpt = typer.Option("table", "--format", help=f"One of {', '.join(FORMATS)}
 
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
-        typer.echo(f"error: --format must be one of {', '.join(FORMATS)}", err=True)
+        echo_error(f"--format must be one of {', '.join(FORMATS)}")
         raise typer.Exit(2)
 
 
@@ -59,7 +59,7 @@ def probe(
         ...,
         "--model",
         help="minilm, zoo:<name>\\[@step|@all], a folder, series:GLOB\\[@step] (checkpoint"
-        " folders) or org/name\\[@REV[,REV...]].",  # \\[: a bracket, not rich markup
+        " folders) or org/name\\[@REV[,REV...]].",  # "\\[" prints "[" (not rich markup)
     ),
     data: str = typer.Option(
         "stdlib-docs",
@@ -105,10 +105,10 @@ def probe(
     from sparsescope.probes.job import ProbeConfig, run_probe
 
     if engine not in ("local", "ray"):
-        typer.echo("error: --engine must be local or ray", err=True)
+        echo_error("--engine must be local or ray")
         raise typer.Exit(2)
     if engine == "local" and (ray_address or workers):
-        typer.echo("error: --ray-address and --workers need --engine ray", err=True)
+        echo_error("--ray-address and --workers need --engine ray")
         raise typer.Exit(2)
     config = ProbeConfig(
         max_tokens=max_tokens,
@@ -129,7 +129,7 @@ def probe(
         try:
             run_ids = run_probe_ray(model, data, store, config, name, False, ray_address, workers)
         except EngineError as err:
-            typer.echo(f"error: {printable(str(err))}", err=True)
+            echo_error(err)
             raise typer.Exit(1) from None
     for run_id in run_ids:
         print(run_id)
@@ -288,7 +288,7 @@ def laws(
     from sparsescope.analysis.zoo_laws import analyze_series, analyze_zoo
 
     if model and preset:
-        typer.echo("error: give --preset (the zoo) or --model (a series), not both", err=True)
+        echo_error("give --preset (the zoo) or --model (a series), not both")
         raise typer.Exit(2)
     if model:
         fits = analyze_series(store, model, tokens, ppl_tokens)
@@ -443,7 +443,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except (BadInput, OSError) as err:  # every command's bad input, in one place
-        typer.echo(f"error: {printable(str(err))}", err=True)
+        echo_error(err)
         code = 2
     except typer.Abort:
         typer.echo("aborted", err=True)
@@ -451,7 +451,7 @@ def main() -> None:
     except typer.TyperException as err:  # click's usage errors
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         if message.strip():  # empty when the help was shown for a bare command group
-            typer.echo(f"error: {printable(message)}", err=True)
+            echo_error(message)
         code = getattr(err, "exit_code", 2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sparsescope.app.output import printable
+from sparsescope.app.output import echo_error
 from sparsescope.store.catalog import check_writable
 from sparsescope.store.errors import StoreError
 
@@ -56,7 +56,7 @@ def hash_encoder(
     try:
         check_writable(store)
     except StoreError as err:
-        typer.echo(f"error: {printable(str(err))}", err=True)
+        echo_error(err)
         raise typer.Exit(2) from None
     grid = QUICK if quick else FULL
     rows: list[dict] = []
@@ -76,7 +76,7 @@ def hash_encoder(
         try:
             run_id = run_experiment(store, grid, seed, on_point)
         except StoreError as err:
-            typer.echo(f"error: {printable(str(err))}", err=True)
+            echo_error(err)
             raise typer.Exit(2) from None
     Console().print(_table(rows))
     print(run_id)

@@ -55,6 +55,11 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def echo_error(err: Exception | str) -> None:
+    """The CLI's one line for bad input, on stderr: ``error: ...``, control characters escaped."""
+    print(f"error: {printable(str(err))}", file=sys.stderr)
+
+
 def cell_text(value) -> str:
     """A printable cell (no markup)."""
     value = plain(value)

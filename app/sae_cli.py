@@ -9,11 +9,13 @@ from typing import Annotated
 
 import typer
 
+from sparsescope.app.output import echo_error
+
 sae_app = typer.Typer(help="Sparse autoencoders: train and list.", no_args_is_help=True)
 
 
 def _fail(err: Exception, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
+    echo_error(err)
     return typer.Exit(code)
 
 

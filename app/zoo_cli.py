@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sparsescope.app.output import wide_console
+from sparsescope.app.output import echo_error, wide_console
 
 zoo_app = typer.Typer(
     help="Train and list the built-in zoo of small causal LMs.", no_args_is_help=True
@@ -26,7 +26,7 @@ class Format(str, Enum):
 
 
 def _fail(error: Exception) -> typer.Exit:
-    typer.echo(f"error: {error}", err=True)
+    echo_error(error)
     return typer.Exit(2)
 
 

@@ -68,16 +68,16 @@ def reused_memory() -> Iterator[None]:
     finally:
         libc.mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-        trim_heap()
+        _trim_heap()
 
 
-def heap_size() -> int:
+def _heap_size() -> int:
     """Bytes of the heap (glibc ``mallinfo2().arena``; 0 off glibc)."""
     libc = _libc()
     return libc.mallinfo2().arena if libc is not None else 0
 
 
-def trim_heap() -> None:
+def _trim_heap() -> None:
     """Give the free heap back to the system (glibc ``malloc_trim``)."""
     libc = _libc()
     if libc is not None:
@@ -92,8 +92,8 @@ def trim_on_growth(heap_at_trim: int | None) -> int:
     Freed memory is reused by the next batch's activations; this bounds what fragments
     could pile up (the MLP probe's MiniLM heap grew by ~6 kB per token without trims)."""
     if heap_at_trim is None:
-        return heap_size()
-    if heap_size() <= heap_at_trim + _HEAP_GROWTH:
+        return _heap_size()
+    if _heap_size() <= heap_at_trim + _HEAP_GROWTH:
         return heap_at_trim
-    trim_heap()
-    return heap_size()
+    _trim_heap()
+    return _heap_size()

@@ -100,7 +100,7 @@ def store_path(root: object) -> Path:
 def find_store(root: Path) -> Path:
     """``root`` as a Path if it holds a catalog file, else a one-line StoreError (the catalog
     itself is checked when it is opened: :func:`open_readable`)."""
-    root = Path(root)
+    root = store_path(root)
     if not root.exists():
         raise StoreError(
             f"store {root} does not exist: run `sparsescope probe --store {root}` first"
@@ -163,7 +163,7 @@ def check_writable(root: Path) -> Path:
 
 def init_store(root: Path) -> Path:
     """Create a store at ``root`` (an absent or empty folder) or upgrade an existing one."""
-    root = Path(root)
+    root = store_path(root)
     _check_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     try:

@@ -93,7 +93,7 @@ def _serve() -> None:
         from sparsescope.store.catalog import find_store
         from sparsescope.store.reader import Reader
 
-        os.chdir(find_store(Path(request["root"])))  # the views read data/ from here, the
+        os.chdir(find_store(request["root"]))  # the views read data/ from here, the
         reader = Reader(".", relative_views=True)  # one folder allowed, whatever the path holds
         sandbox(reader.con, memory)
         out.write(b"ready\n")  # the time limit starts now

@@ -33,7 +33,7 @@ class Reader:
     def __init__(self, root: Path | str, relative_views: bool = False):
         """``relative_views``: the views read ``data/...`` from the working directory, which
         must be the store's root (the SQL console's sandbox allows that folder alone)."""
-        self.root = catalog.find_store(Path(root)).resolve()
+        self.root = catalog.find_store(root).resolve()
         self.data_dir = self.root / "data"
         self._view_dir = Path("data") if relative_views else self.data_dir
         self.con = duckdb.connect()
@@ -126,4 +126,4 @@ class Reader:
 def open_store(root: Path | str) -> Reader:
     """Open a store for reading: ``open_store(p).sql(q)`` gives a DataFrame, ``.arrow(q)`` an
     Arrow table; complete runs only."""
-    return Reader(catalog.store_path(root))
+    return Reader(root)

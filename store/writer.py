@@ -139,7 +139,7 @@ class RunWriter:
     ):
         if name is not None and (not isinstance(name, str) or not name.isprintable()):
             raise StoreError(f"a run's name is printable text, not {name!r}")
-        self.root = catalog.init_store(Path(root))
+        self.root = catalog.init_store(root)
         gc.collect(self.root)
         self.run_id = new_run_id()
         self.staging = self.root / "staging" / self.run_id
